@@ -1,0 +1,159 @@
+# Adapters as files: create one, attach it, save it, load it (DESIGN.md, "Adapter files").
+#
+# Inside the model every adapter parameter has a leading tenant dimension, and adapters with the same settings
+# share one "bank" (the same modules, one slot per tenant), so a batch can mix tenants by gathering rows.
+# A file holds one tenant: the bank's tensors at its slot, under layers.{i}.<prefix>.<parameter>.
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import METHODS, AdapterConfig, ModelArgs, Transformer
+
+PREFIX = {"para": "vg", "ia3": "ia3", "lora": "lora", "bitfit": "bitfit"}  # file key: layers.{i}.vg.down.weight
+
+
+def base_shape(args: ModelArgs) -> dict:
+    return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+            "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size}
+
+
+def add_adapter(model: Transformer, config: AdapterConfig, name: str = "default") -> str:
+    """Attach a freshly initialised adapter as tenant `name`; only adapter parameters require gradients."""
+    if name in model.tenants:
+        raise ValueError(f"an adapter named {name!r} is already attached")
+    device = model.output.weight.device
+    bank = next((b for b, m in model.layers[0].adapters.items() if m.config == config), None)
+    if bank is None:
+        bank = f"{config.method}{len(model.layers[0].adapters)}"
+        for layer in model.layers:
+            layer.adapters[bank] = METHODS[config.method](1, model.args, config).to(device)
+            layer.adapters[bank].config = config
+        slot = 0
+    else:
+        slot = next(model.layers[0].adapters[bank].parameters()).shape[0]
+        for layer in model.layers:  # grow every tensor of the bank by one freshly initialised tenant
+            fresh = METHODS[config.method](1, model.args, config).to(device)
+            for (_, p), (_, f) in zip(layer.adapters[bank].named_parameters(), fresh.named_parameters()):
+                p.data = torch.cat([p.data, f.data.to(p.dtype)])
+    model.tenants[name] = (bank, slot)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".adapters." in n)
+    return name
+
+
+def adapter_config(model: Transformer, name: str) -> AdapterConfig:
+    bank, _ = model.tenants[name]
+    return model.layers[0].adapters[bank].config
+
+
+def adapter_state(model: Transformer, name: str) -> dict:
+    """The tenant's tensors under their file names, e.g. layers.0.vg.down.weight -> [r, dim]."""
+    bank, slot = model.tenants[name]
+    prefix = PREFIX[adapter_config(model, name).method]
+    return {f"layers.{i}.{prefix}.{k}": p[slot]
+            for i, layer in enumerate(model.layers) for k, p in layer.adapters[bank].named_parameters()}
+
+
+def save_adapter(model: Transformer, path, name: str = None):
+    """Write one adapter to a .safetensors file, atomically (a crash never leaves a half-written file)."""
+    name = name or _only_tenant(model)
+    cfg = adapter_config(model, name)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in adapter_state(model, name).items()}
+    metadata = {"format": "para-mini", "method": cfg.method, "config": json.dumps(dataclasses.asdict(cfg)),
+                "base": json.dumps(base_shape(model.args))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_adapter(path):
+    """(AdapterConfig, base shape, tensors) of an adapter file, with the file checked for what we need."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{path} is not a readable .safetensors adapter file: {e}") from None
+    if meta.get("format") != "para-mini" or "config" not in meta or "base" not in meta:
+        raise ValueError(f"{path} is not a para-mini adapter (metadata format={meta.get('format')!r}); "
+                         "adapters are written by para_mini.save_adapter / train.py")
+    cfg = json.loads(meta["config"])
+    cfg["targets"] = tuple(cfg["targets"])
+    return AdapterConfig(**cfg), json.loads(meta["base"]), tensors
+
+
+def load_adapter(model: Transformer, path, name: str = None) -> str:
+    """Attach the adapter stored at `path` to `model` as tenant `name` (default: the file's stem)."""
+    cfg, base, tensors = read_adapter(path)
+    if base != base_shape(model.args):
+        raise ValueError(f"adapter {path} was trained for a base model of shape {base}, but the loaded model is "
+                         f"{base_shape(model.args)}: load the base model the adapter was trained on")
+    name = add_adapter(model, cfg, name or Path(path).stem)
+    want = adapter_state(model, name)
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(want[k].shape)})"
+             for k in want if k in tensors and tensors[k].shape != want[k].shape]
+    if missing or unexpected or wrong:
+        remove_adapter(model, name)
+        raise ValueError(f"adapter {path} does not match its own settings {cfg}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+    with torch.no_grad():
+        for k, p in want.items():
+            p.copy_(tensors[k])
+    return name
+
+
+def remove_adapter(model: Transformer, name: str):
+    bank, slot = model.tenants.pop(name)
+    if not any(b == bank for b, _ in model.tenants.values()):
+        for layer in model.layers:
+            del layer.adapters[bank]
+        return
+    for layer in model.layers:
+        for p in layer.adapters[bank].parameters():
+            p.data = torch.cat([p.data[:slot], p.data[slot + 1:]])
+    model.tenants = {n: (b, s - (b == bank and s > slot)) for n, (b, s) in model.tenants.items()}
+
+
+def merge_lora(model: Transformer, name: str = None):
+    """Fold a LoRA adapter into the backbone (W += alpha / r * B A) for single-tenant serving at base speed."""
+    name = name or _only_tenant(model)
+    cfg = adapter_config(model, name)
+    if cfg.method != "lora":
+        raise ValueError(f"only LoRA adapters can be merged; {name!r} is {cfg.method}")
+    bank, slot = model.tenants[name]
+    with torch.no_grad():
+        for layer in model.layers:
+            lora = layer.adapters[bank]
+            for site in lora.A:
+                W = _linear(layer, site).weight
+                W += (lora.scaling * lora.B[site][slot] @ lora.A[site][slot]).to(W.dtype)
+    remove_adapter(model, name)
+
+
+def _linear(layer, site):
+    a, f = layer.attention, layer.feed_forward
+    return {"q": a.wq, "k": a.wk, "v": a.wv, "o": a.wo, "g": f.w1, "u": f.w3, "d": f.w2}[site]
+
+
+def _only_tenant(model):
+    if len(model.tenants) != 1:
+        raise ValueError(f"{len(model.tenants)} adapters are attached ({', '.join(model.tenants) or 'none'}): "
+                         "name the one you mean")
+    return next(iter(model.tenants))
+
+
+def count_parameters(args: ModelArgs, config: AdapterConfig) -> int:
+    """Tunable parameters of one adapter on a model of shape `args` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return args.n_layers * sum(p.numel() for p in METHODS[config.method](1, args, config).parameters())

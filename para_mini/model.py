@@ -1,0 +1,504 @@
+# LLaMA-2 with PARA / PARADE, in the order of the paper (parade_paper.txt, Section 3):
+# config, norm and RoPE, attention (Eq. 1, 4), FFN (Eq. 2, 5), vector generator (Eq. 3, 6),
+# attentional capsule pooler (Eq. 7-10), the baselines beside it, block, model.
+#
+# Layout: the weights follow Hugging Face's rotate-half RoPE layout, so HF checkpoints load as they are and
+# Meta / llama2.c checkpoints get their wq / wk rows permuted once on load (loading.py).
+# Adapters keep a leading "tenant" dimension on every parameter, so one backbone serves many adapters in one
+# batch by gathering each row's weights; a single fine-tuning run is just one tenant.
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: the same as n_heads (no grouped-query attention)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # Meta's rule for the FFN width, used when hidden_dim is not given
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    hidden_dim: Optional[int] = None  # the FFN width where a checkpoint states it (HF intermediate_size, llama2.c)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}: "
+                             "dim must divide into heads and n_heads into n_kv_heads groups")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)  # SwiGLU has three matrices, so 2/3 of the usual 4 * dim
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)  # 7B: 11008
+
+
+# The seven projections an adapter can touch. q, k, v, g, u are the paper's Query, Key, Value, Gate and Up;
+# o and d are the attention output and FFN Down projections (LoRA and BitFit may use them).
+SITES = ("q", "k", "v", "o", "g", "u", "d")
+DEFAULT_TARGETS = {"para": ("q", "v", "u"), "ia3": ("k", "v", "u"), "lora": SITES, "bitfit": SITES}
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "para"  # para | lora | ia3 | bitfit
+    targets: tuple = ()  # empty: the method's default (DEFAULT_TARGETS)
+    r: int = 12  # PARA: the vector generator's bottleneck; LoRA: the rank
+    pooler: str = "capsule"  # PARA: capsule (PARADE) | last (PARA, PARADE-1) | routing (PARADE-2) | mean
+    K: int = 4  # PARA: number of output capsules
+    alpha: float = 8.0  # LoRA: the update is scaled by alpha / r
+
+    def __post_init__(self):
+        if self.method not in DEFAULT_TARGETS:
+            raise ValueError(f"unknown adapter method {self.method!r}; choose one of {sorted(DEFAULT_TARGETS)}")
+        self.targets = tuple(t for t in SITES if t in (self.targets or DEFAULT_TARGETS[self.method]))
+        unknown = set(self.targets) - set(SITES)
+        if unknown or not self.targets:
+            raise ValueError(f"adapter targets must be a non-empty subset of {SITES}, got {self.targets}")
+        if self.method == "para":
+            if self.pooler not in ("capsule", "last", "routing", "mean"):
+                raise ValueError(f"unknown pooler {self.pooler!r}; choose capsule, last, routing or mean")
+            if "o" in self.targets or "d" in self.targets:
+                raise ValueError("PARA adjusts q, k, v, g and u only (the paper's Query, Key, Value, Gate, Up)")
+            if self.pooler in ("capsule", "routing") and self.r % self.K:
+                raise ValueError(f"the capsule pooler splits r={self.r} into K={self.K} capsules: r % K must be 0")
+
+
+def site_dims(args: ModelArgs) -> dict:
+    """(input width, output width) of each projection."""
+    q, kv, ffn = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_dim
+    return {"q": (args.dim, q), "k": (args.dim, kv), "v": (args.dim, kv), "o": (q, args.dim),
+            "g": (args.dim, ffn), "u": (args.dim, ffn), "d": (ffn, args.dim)}
+
+
+# ----------------------------------------------------------------------------------------------- norm and RoPE
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()  # in fp32, as Hugging Face does, so bf16 models agree with it
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(positions, head_dim: int, theta: float):
+    """cos and sin for rotate-half RoPE at integer positions [B, T] -> [B, T, head_dim] each, in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions[..., None].float() * inv_freq  # [B, T, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: [B, H, T, hd]; rotate-half pairs channel i with i + hd/2 (the Hugging Face layout); at least fp32
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = h.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return (h * cos + rotated * sin).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ per-row adjustment
+
+class Adjustment:
+    """What the adapters do to one layer's projections, row by row: y = (x W + x A^T B^T + b) * l.
+
+    It is resolved once per prompt (PARA's vectors need the prompt) and kept next to the KV cache, so decoding
+    a token costs one multiply per adjusted projection for PARA and (IA)^3, and one low-rank product for LoRA.
+    Tensors have a leading row dimension of B, or 1 when every row shares them.
+    """
+
+    def __init__(self):
+        self.scale = {}  # site -> [B|1, 1, d_out]: PARA's l_q, l_v, l_u ... and (IA)^3's vectors
+        self.bias = {}  # site -> [B|1, 1, d_out]: BitFit
+        self.lora = {}  # site -> [(A [B|1, r, d_in], B [B|1, d_out, r]), ...] with alpha / r folded into B
+
+    def __call__(self, site: str, x, y):
+        for A, B in self.lora.get(site, ()):
+            y = y + (x @ A.mT) @ B.mT
+        if site in self.bias:
+            y = y + self.bias[site]
+        if site in self.scale:
+            y = y * self.scale[site]
+        return y
+
+    def add_scale(self, site, l):
+        self.scale[site] = self.scale[site] * l if site in self.scale else l
+
+    def add_bias(self, site, b):
+        self.bias[site] = self.bias[site] + b if site in self.bias else b
+
+    def add_lora(self, site, A, B):
+        self.lora.setdefault(site, []).append((A, B))
+
+    def reorder(self, index):
+        """Keep the rows `index` (beam search reorders hypotheses; the KV cache moves with them)."""
+        pick = lambda t: t if t.shape[0] == 1 else t.index_select(0, index)
+        self.scale = {s: pick(t) for s, t in self.scale.items()}
+        self.bias = {s: pick(t) for s, t in self.bias.items()}
+        self.lora = {s: [(pick(A), pick(B)) for A, B in ab] for s, ab in self.lora.items()}
+
+
+class KVCache(nn.Module):
+    """One layer's keys and values, preallocated for max_len positions, plus the layer's resolved Adjustment."""
+
+    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.adjust: Optional[Adjustment] = None  # set at prefill, reused at every decoded token
+
+    def update(self, start: int, k, v):
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"the KV cache holds {self.k.shape[2]} positions; position {end} was asked for")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Cache:
+    """The model's cache: a KVCache per layer, each row's left padding, and how many positions are filled."""
+
+    def __init__(self, layers, pad):
+        self.layers, self.pad, self.pos = layers, pad, 0
+
+    def reorder(self, index):
+        for c in self.layers:
+            c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
+            c.adjust.reorder(index)
+        self.pad = self.pad.index_select(0, index)
+
+
+# --------------------------------------------------------------------------------------------------- attention
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, adjust, cache: Optional[KVCache] = None, start: int = 0):
+        B, T, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # Eq. (1): Q = xW^Q, K = xW^K, V = xW^V
+        q, k, v = adjust("q", x, q), adjust("k", x, k), adjust("v", x, v)  # Eq. (4): Q' = l_q * Q, V' = l_v * V
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, n_heads, T, head_dim]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, n_kv_heads, T, head_dim]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # PARA scales Q before RoPE (DESIGN.md)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # [B, n_kv_heads, start + T, head_dim]
+        # Eq. (1) / (4): softmax(Q'K^T / sqrt(head_dim)) V'; each KV head serves n_heads / n_kv_heads query heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, n_heads * head_dim]
+        return adjust("o", out, self.wo(out))
+
+
+# --------------------------------------------------------------------------------------------------------- FFN
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # W^G, the Gate
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # W^U, the Up
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # W^D, the Down
+
+    def forward(self, x, adjust):
+        G = adjust("g", x, self.w1(x))
+        U = adjust("u", x, self.w3(x))  # Eq. (5): U' = l_u * U
+        h = F.silu(G) * U  # Eq. (2): (g(G) * U) W^D
+        return adjust("d", h, self.w2(h))
+
+
+# ------------------------------------------------------------------------------------------------ PARA / PARADE
+
+def per_row(p, slots):
+    """A tenant-stacked parameter [n, ...] -> each row's own [B, ...] (rows outside the bank get tenant 0 and
+    are masked by the caller); slots None means one tenant for every row, kept as [1, ...] to broadcast."""
+    return p[:1] if slots is None else p[slots.clamp(min=0)]
+
+
+def outside(slots, like):
+    """[B, 1, 1] True for rows that use no tenant of this bank (slot -1), to restore the identity there."""
+    if slots is None:
+        return torch.zeros(1, 1, 1, dtype=torch.bool, device=like.device)
+    return (slots < 0)[:, None, None]
+
+
+def squash(s):
+    # Eq. (8): c = |s|^2 / (1 + |s|^2) * s / |s|, written so that s = 0 gives 0 rather than 0 / 0
+    norm2 = s.pow(2).sum(-1, keepdim=True)
+    return s * norm2.sqrt() / (1 + norm2)
+
+
+class CapsulePooler(nn.Module):
+    """The attentional capsule pooler (Eq. 7-10): T_ins input capsules h'_j -> K output capsules of r / K."""
+
+    def __init__(self, n: int, r: int, K: int, attentional: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, K, r, r // K) * 0.02)  # W_k^cap, one per output capsule
+        # v_k: PARADE initialises the routing logits with attention; PARADE-2 ("routing") starts them at zero
+        self.query = nn.Parameter(torch.randn(n, K, r) * 0.02) if attentional else None
+
+    def forward(self, h, mask, slots):
+        # h: h' [B, T, r]; mask: [B, T] True at prompt tokens
+        m = h[:, None] @ per_row(self.weight, slots)  # Eq. (7): m_{j->k} = h'_j W_k^cap     [B, K, T, r/K]
+        if self.query is not None:
+            logits = per_row(self.query, slots) @ h.mT  # Eq. (9): m_jk = v_k^T h'_j           [B, K, T]
+        else:
+            logits = h.new_zeros(h.shape[0], m.shape[1], h.shape[1])
+        c = self.capsules(logits, m, mask)
+        logits = logits + (m @ c[..., None]).squeeze(-1)  # Eq. (10): m_jk <- m_jk + c_k . m_{j->k} (DESIGN 2)
+        c = self.capsules(logits, m, mask)
+        return c.flatten(1)  # [c_1, ..., c_K] concatenated: [B, r]
+
+    @staticmethod
+    def capsules(logits, m, mask):
+        n = logits.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)  # Eq. (9), (10): softmax over j
+        s = (n[:, :, None, :] @ m).squeeze(-2)  # Eq. (8): s_k = sum_j n_jk m_{j->k}            [B, K, r/K]
+        return squash(s)  # Eq. (8)
+
+
+def pool_last(h, mask):
+    last = torch.where(mask, torch.arange(mask.shape[1], device=mask.device), -1).amax(-1)  # last prompt token
+    return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+def pool_mean(h, mask):
+    w = mask[..., None].to(h.dtype)
+    return (h * w).sum(1) / w.sum(1)
+
+
+class VectorGenerator(nn.Module):
+    """VG (Eq. 3, 6): l = GeLU(Pooler(h W_down)) W_up + b_up, then Split(l) into l_q, l_v, l_u (or any targets).
+
+    At initialisation W_up = 0 and b_up = 1, so every vector is ones and the model is exactly the base model.
+    """
+
+    def __init__(self, n: int, args: ModelArgs, cfg: AdapterConfig):
+        super().__init__()
+        self.sizes = [site_dims(args)[t][1] for t in cfg.targets]
+        self.targets, self.pooler = cfg.targets, cfg.pooler
+        self.down = nn.ParameterDict({"weight": nn.Parameter(torch.randn(n, cfg.r, args.dim) * 0.02)})
+        self.up = nn.ParameterDict({"weight": nn.Parameter(torch.zeros(n, sum(self.sizes), cfg.r)),
+                                    "bias": nn.Parameter(torch.ones(n, sum(self.sizes)))})
+        if cfg.pooler in ("capsule", "routing"):
+            self.pool = CapsulePooler(n, cfg.r, cfg.K, attentional=cfg.pooler == "capsule")
+
+    def forward(self, h, mask, slots=None):
+        # h: the attention RMSNorm output of the layer [B, T, dim] (DESIGN 1); mask: [B, T] prompt tokens
+        W_down = per_row(self.down.weight, slots)
+        h = h.to(W_down.dtype) @ W_down.mT  # h' = h W_down                                     [B, T, r]
+        if self.pooler in ("capsule", "routing"):
+            z = self.pool(h, mask, slots)  # Eq. (7)-(10)                                       [B, r]
+        else:
+            z = pool_last(h, mask) if self.pooler == "last" else pool_mean(h, mask)
+        W_up, b_up = per_row(self.up.weight, slots), per_row(self.up.bias, slots)
+        l = F.gelu(z)[:, None] @ W_up.mT + b_up[:, None]  # Eq. (6): l = g(Pooler(h W_down)) W_up + b_up  [B, 1, d_out]
+        return dict(zip(self.targets, l.split(self.sizes, dim=-1)))  # Eq. (3), (6): l_q, l_v, l_u = Split(l)
+
+    def adjust(self, adj: Adjustment, h, mask, slots):
+        for site, l in self(h, mask, slots).items():
+            adj.add_scale(site, l.to(h.dtype).masked_fill(outside(slots, l), 1.0))
+
+
+# ------------------------------------------------------------------------- the baselines, side by side with PARA
+
+class IA3(nn.Module):
+    """(IA)^3: one learned vector per target, the same for every prompt (PARA with W_up = 0, b_up = the vector).
+
+    Scaling U is the original's scaling of the FFN intermediate: (g(G) * U * l) W^D = (g(G) * (l * U)) W^D.
+    """
+
+    def __init__(self, n: int, args: ModelArgs, cfg: AdapterConfig):
+        super().__init__()
+        dims = site_dims(args)
+        self.vectors = nn.ParameterDict({t: nn.Parameter(torch.ones(n, dims[t][1])) for t in cfg.targets})
+
+    def adjust(self, adj, h, mask, slots):
+        for site, l in self.vectors.items():
+            l = per_row(l, slots)[:, None].to(h.dtype)
+            adj.add_scale(site, l.masked_fill(outside(slots, l), 1.0))
+
+
+class LoRA(nn.Module):
+    """LoRA: y = xW + (alpha / r) x A^T B^T, unmerged, so each row of a batch can carry its own A and B."""
+
+    def __init__(self, n: int, args: ModelArgs, cfg: AdapterConfig):
+        super().__init__()
+        dims = site_dims(args)
+        self.scaling = cfg.alpha / cfg.r
+        self.A = nn.ParameterDict({t: nn.Parameter(torch.empty(n, cfg.r, dims[t][0])) for t in cfg.targets})
+        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(n, dims[t][1], cfg.r)) for t in cfg.targets})
+        for A in self.A.values():
+            for a in A.data:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT and the LoRA paper's code do
+
+    def adjust(self, adj, h, mask, slots):
+        for site in self.A:
+            A, B = per_row(self.A[site], slots).to(h.dtype), per_row(self.B[site], slots).to(h.dtype)
+            adj.add_lora(site, A, (B * self.scaling).masked_fill(outside(slots, B), 0.0))
+
+
+class BitFit(nn.Module):
+    """BitFit-style learned bias vectors added to the chosen projections (LLaMA-2 has no biases of its own)."""
+
+    def __init__(self, n: int, args: ModelArgs, cfg: AdapterConfig):
+        super().__init__()
+        dims = site_dims(args)
+        self.bias = nn.ParameterDict({t: nn.Parameter(torch.zeros(n, dims[t][1])) for t in cfg.targets})
+
+    def adjust(self, adj, h, mask, slots):
+        for site, b in self.bias.items():
+            b = per_row(b, slots)[:, None].to(h.dtype)
+            adj.add_bias(site, b.masked_fill(outside(slots, b), 0.0))
+
+
+METHODS = {"para": VectorGenerator, "ia3": IA3, "lora": LoRA, "bitfit": BitFit}
+
+
+# ------------------------------------------------------------------------------------------------ block, model
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+        self.adapters = nn.ModuleDict()  # bank name -> VectorGenerator / IA3 / LoRA / BitFit with stacked tenants
+
+    def forward(self, x, cos, sin, mask, prompt, cache: Optional[KVCache] = None, start: int = 0):
+        h = self.attention_norm(x)
+        if cache is not None and cache.adjust is not None:
+            adjust = cache.adjust  # decoding: the vectors were made at prefill; the VG is not called again
+        else:
+            adjust = Adjustment()
+            for name, adapter in self.adapters.items():
+                if name in prompt.slots:  # Eq. (3): the VG reads the prompt's hidden states h at this layer
+                    adapter.adjust(adjust, h, prompt.mask, prompt.slots[name])
+            if cache is not None:
+                cache.adjust = adjust
+        x = x + self.attention(h, cos, sin, mask, adjust, cache, start)
+        return x + self.feed_forward(self.ffn_norm(x), adjust)
+
+
+@dataclass
+class Prompt:
+    mask: Optional[torch.Tensor]  # [B, T] True at the prompt tokens PARA pools
+    slots: dict = field(default_factory=dict)  # bank name -> [B] tenant index per row (-1: none), or None: all rows 0
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tenants = {}  # adapter name -> (bank name, slot); filled by para_mini.adapters
+        self.checkpointing = False  # recompute each block in the backward pass to save activation memory
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> Cache:
+        a, p = self.args, self.output.weight
+        max_len = max_len or a.max_seq_len
+        layers = [KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, p.dtype, p.device) for _ in self.layers]
+        return Cache(layers, torch.zeros(batch_size, dtype=torch.long, device=p.device))
+
+    def forward(self, tokens, prompt_lens=None, pad=None, cache: Optional[Cache] = None, adapters=None):
+        """tokens [B, T] -> logits [B, T, vocab].
+
+        prompt_lens: [B] prompt tokens per row (PARA pools only these); None: every non-padding token.
+        pad: [B] left-padding per row (batched prompts of different lengths); None: no left padding.
+        cache: from new_cache(); the first call is the prefill, each later call appends tokens.
+        adapters: the adapter name of each row (None: the base model); None: the one attached adapter, if any.
+        """
+        B, T = tokens.shape
+        device = tokens.device
+        start = 0 if cache is None else cache.pos
+        if cache is not None and start == 0 and pad is not None:
+            cache.pad = pad.to(device)
+        pad = cache.pad if cache is not None else pad
+
+        idx = start + torch.arange(T, device=device)  # position in the sequence buffer
+        positions = idx[None].expand(B, T) if pad is None else (idx[None] - pad[:, None]).clamp(min=0)
+        cos, sin = rope(positions, self.args.head_dim, self.args.rope_theta)
+        mask = None
+        if pad is not None or start > 0:
+            keys = torch.arange(start + T, device=device)
+            first = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
+            mask = (keys[None, None] <= idx[None, :, None]) & (keys[None, None] >= first[:, None, None])
+            mask = (mask | (keys[None, None] == idx[None, :, None]))[:, None]  # padding sees itself: no 0/0
+        prompt = Prompt(None)
+        if start == 0:
+            prompt = Prompt(self.prompt_mask(B, T, prompt_lens, pad, device), self.resolve_slots(adapters, B))
+
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            c = None if cache is None else cache.layers[i]
+            if self.checkpointing and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, prompt, c, start,
+                                                      use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, prompt, c, start)
+        if cache is not None:
+            cache.pos += T
+        return self.output(self.norm(h))
+
+    @staticmethod
+    def prompt_mask(B, T, prompt_lens, pad, device):
+        t = torch.arange(T, device=device)[None]
+        first = torch.zeros(B, 1, dtype=torch.long, device=device) if pad is None else pad[:, None].to(device)
+        if prompt_lens is None:
+            return (t >= first).expand(B, T)
+        prompt_lens = torch.as_tensor(prompt_lens, device=device)
+        if (prompt_lens < 1).any() or (first[:, 0] + prompt_lens > T).any():
+            raise ValueError(f"prompt_lens {prompt_lens.tolist()} must be >= 1 and fit in {T} tokens after padding")
+        return (t >= first) & (t < first + prompt_lens[:, None])
+
+    def resolve_slots(self, adapters, B):
+        """Which tenant of which bank each row uses."""
+        if adapters is None:
+            if len(self.tenants) > 1:
+                raise ValueError(f"{len(self.tenants)} adapters are attached ({', '.join(self.tenants)}): "
+                                 "pass adapters=[name or None per row]")
+            return {bank: None for bank, _ in self.tenants.values()}  # the single adapter, shared by every row
+        if len(adapters) != B:
+            raise ValueError(f"adapters names {len(adapters)} rows, the batch has {B}")
+        unknown = sorted({a for a in adapters if a is not None and a not in self.tenants})
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; attached: {sorted(self.tenants) or 'none'}")
+        slots = {}
+        for row, name in enumerate(adapters):
+            if name is not None:
+                bank, slot = self.tenants[name]
+                slots.setdefault(bank, [-1] * B)[row] = slot
+        device = self.output.weight.device
+        return {bank: torch.tensor(s, device=device) for bank, s in slots.items()}

@@ -1,0 +1,415 @@
+# PARA / PARADE and the baselines, checked against transcriptions of the paper's equations and against
+# Hugging Face + PEFT. Every reference here is computed independently of para_mini's forward pass.
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import shared
+from hf_reference import HF_SITES, ours_from_hf, tiny_hf
+from para_mini import AdapterConfig, ModelArgs, Transformer, add_adapter, load_adapter, merge_lora, save_adapter
+from para_mini.adapters import adapter_state, read_adapter
+from para_mini.model import site_dims
+
+POOLERS = ["capsule", "last", "routing", "mean"]
+METHODS = ["para", "lora", "ia3", "bitfit"]
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=80, max_seq_len=64)
+    args.update(kw)
+    model = Transformer(ModelArgs(**args)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def randomize(model, name="default", seed=1, std=0.3):
+    """Give an adapter non-trivial weights (at initialisation PARA, (IA)^3, LoRA and BitFit are all identities)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_state(model, name).values():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def gelu(x):  # the exact (erf) GeLU, DESIGN decision 5
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+# ---- the paper's equations, loop by loop, one prompt at a time (hp: h' of the prompt tokens, [T_ins, r])
+
+def capsule_pool_reference(hp, W, v):
+    T, K = hp.shape[0], W.shape[0]
+    m = [[hp[j] @ W[k] for k in range(K)] for j in range(T)]  # Eq. (7)
+    logit = [[(v[k] @ hp[j]).item() if v is not None else 0.0 for k in range(K)] for j in range(T)]  # Eq. (9)
+
+    def capsules(logit):
+        out = []
+        for k in range(K):
+            e = [math.exp(logit[j][k]) for j in range(T)]
+            n = [x / sum(e) for x in e]  # softmax over j
+            s = sum(n[j] * m[j][k] for j in range(T))  # Eq. (8)
+            norm2 = (s @ s).item()
+            out.append(norm2 / (1 + norm2) * s / math.sqrt(norm2))  # the squash exactly as the paper writes it
+        return out
+
+    c = capsules(logit)
+    logit = [[logit[j][k] + (c[k] @ m[j][k]).item() for k in range(K)] for j in range(T)]  # Eq. (10)
+    return torch.cat(capsules(logit))
+
+
+def vg_reference(h_prompt, t, prefix, cfg, args):
+    """Eq. (3), (6) for one layer: t maps the layer's file tensor names (".down.weight", ...) to tensors."""
+    hp = h_prompt @ t[prefix + ".down.weight"].T
+    if cfg.pooler == "last":
+        z = hp[-1]
+    elif cfg.pooler == "mean":
+        z = sum(hp[j] for j in range(hp.shape[0])) / hp.shape[0]
+    else:
+        z = capsule_pool_reference(hp, t[prefix + ".pool.weight"],
+                                   t[prefix + ".pool.query"] if cfg.pooler == "capsule" else None)
+    l = gelu(z) @ t[prefix + ".up.weight"].T + t[prefix + ".up.bias"]
+    sizes = [site_dims(args)[s][1] for s in cfg.targets]
+    return dict(zip(cfg.targets, l.split(sizes)))
+
+
+# --------------------------------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("pooler", POOLERS)
+def test_para_at_initialisation_is_the_base_model(pooler):
+    model = tiny_model()
+    tokens = torch.randint(0, 96, (3, 21))
+    base = model(tokens)
+    add_adapter(model, AdapterConfig("para", pooler=pooler, targets=("q", "k", "v", "g", "u")))
+    assert torch.equal(model(tokens, prompt_lens=[4, 11, 21]), base)
+
+
+@pytest.mark.parametrize("pooler", POOLERS)
+def test_each_pooler_equals_a_loop_by_loop_transcription_of_its_equations(pooler):
+    model = tiny_model()
+    cfg = AdapterConfig("para", pooler=pooler, r=12, K=4)
+    add_adapter(model, cfg)
+    randomize(model)
+    vg = model.layers[0].adapters["para0"]
+    torch.manual_seed(3)
+    h = torch.randn(3, 10, model.args.dim)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, :4], mask[1, 2:10], mask[2, 5:6] = True, True, True  # right-, left- and single-token prompts
+    got = vg(h, mask)
+    t = {k[len("layers.0"):]: v for k, v in adapter_state(model, "default").items() if k.startswith("layers.0.")}
+    for b in range(3):
+        want = vg_reference(h[b][mask[b]], t, ".vg", cfg, model.args)
+        for site in cfg.targets:
+            torch.testing.assert_close(got[site][b, 0], want[site], rtol=1e-5, atol=1e-6)
+
+
+def hf_with_para_hooks(hf, tensors, cfg, prompt_len):
+    """Hugging Face's model with PARA applied through forward hooks, for one unpadded sequence."""
+    args = ModelArgs(dim=hf.config.hidden_size, n_layers=hf.config.num_hidden_layers,
+                     n_heads=hf.config.num_attention_heads, n_kv_heads=hf.config.num_key_value_heads,
+                     vocab_size=hf.config.vocab_size, hidden_dim=hf.config.intermediate_size)
+    handles, vectors = [], {}
+    for i, layer in enumerate(hf.model.layers):
+        t = {k[len(f"layers.{i}"):]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
+
+        def make_vectors(mod, inp, out, i=i, t=t):  # DESIGN 1: the VG reads the attention RMSNorm output
+            vectors[i] = vg_reference(out[0, :prompt_len], t, ".vg", cfg, args)
+
+        handles.append(layer.input_layernorm.register_forward_hook(make_vectors))
+        for site in cfg.targets:
+            scale = lambda mod, inp, out, i=i, site=site: out * vectors[i][site]  # Eq. (4), (5)
+            handles.append(layer.get_submodule(HF_SITES[site]).register_forward_hook(scale))
+    return handles
+
+
+@pytest.mark.parametrize("pooler", ["capsule", "last"])
+@pytest.mark.parametrize("dtype,std,atol", [(torch.float64, 0.5, 1e-9), (torch.float32, 0.1, 1e-4)])
+def test_para_on_the_260K_model_equals_hugging_face_with_hooks(pooler, dtype, std, atol):
+    # float64 shows the two agree exactly with large vectors; in float32 large vectors amplify rounding in both
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(shared("assets", "stories260K", "hf")).eval().to(dtype)
+    model = ours_from_hf(hf)
+    cfg = AdapterConfig("para", pooler=pooler, targets=("q", "v", "u"))
+    add_adapter(model, cfg)
+    randomize(model, std=std)
+    model.to(dtype)
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 512, (2, 30))
+    prompt_lens = [7, 19]
+    with torch.no_grad():
+        ours = model(tokens, prompt_lens=prompt_lens)
+        base = Transformer.forward(ours_from_hf(hf), tokens)
+        tensors = adapter_state(model, "default")
+        for b in range(2):
+            handles = hf_with_para_hooks(hf, tensors, cfg, prompt_lens[b])
+            theirs = hf(tokens[b:b + 1]).logits[0]
+            for h in handles:
+                h.remove()
+            torch.testing.assert_close(ours[b], theirs, rtol=0, atol=atol)
+            assert (ours[b] - base[b]).abs().max() > 1e-2  # and PARA really changes the model
+
+
+def capture_vectors(model):
+    seen = []
+    hooks = [layer.adapters[b].register_forward_hook(lambda m, i, o: seen.append(o))
+             for layer in model.layers for b in layer.adapters]
+    return seen, hooks
+
+
+def test_only_the_prompt_is_pooled():
+    model = tiny_model()
+    add_adapter(model, AdapterConfig("para"))
+    randomize(model)
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 96, (1, 8))
+    a = torch.cat([prompt, torch.randint(0, 96, (1, 6))], 1)  # prompt + a response
+    b = torch.cat([prompt, torch.randint(0, 96, (1, 6))], 1)  # prompt + another response
+    c = torch.cat([b, torch.full((1, 4), 7)], 1)  # right-padded
+    d = torch.cat([torch.full((1, 3), 9), a], 1)  # left-padded
+    seen, hooks = capture_vectors(model)
+    with torch.no_grad():
+        la = model(a, prompt_lens=[8])
+        lb = model(b, prompt_lens=[8])
+        lc = model(c, prompt_lens=[8])
+        ld = model(d, prompt_lens=[8], pad=torch.tensor([3]))
+    n = len(model.layers)
+    for i in range(n):
+        for site in ("q", "v", "u"):
+            assert torch.equal(seen[i][site], seen[n + i][site])  # another response: the very same vectors
+            # padding changes the shapes of the matrix products, so only rounding may differ
+            torch.testing.assert_close(seen[i][site], seen[2 * n + i][site], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(seen[i][site], seen[3 * n + i][site], rtol=1e-6, atol=1e-6)
+    assert torch.equal(la[:, :8], lb[:, :8])
+    torch.testing.assert_close(lc[:, :14], lb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ld[:, 3:], la, rtol=1e-5, atol=1e-5)
+    # and the prompt really is what matters: one different prompt token changes the vectors
+    e = a.clone()
+    e[0, 2] = (e[0, 2] + 1) % 96
+    model(e, prompt_lens=[8])
+    assert not torch.allclose(seen[0]["q"], seen[4 * n]["q"])
+    for h in hooks:
+        h.remove()
+
+
+def test_cached_decoding_with_para_equals_the_full_forward_and_runs_the_generator_only_at_prefill():
+    model = tiny_model()
+    add_adapter(model, AdapterConfig("para"))
+    randomize(model)
+    torch.manual_seed(6)
+    full = torch.randint(0, 96, (2, 16))
+    pad = torch.tensor([0, 3])  # row 1 has a 3-token shorter prompt, left-padded
+    prompt_lens = torch.tensor([9, 6])
+    with torch.no_grad():
+        want = model(full, prompt_lens=prompt_lens, pad=pad)
+        seen, hooks = capture_vectors(model)
+        cache = model.new_cache(2, 20)
+        got = [model(full[:, :9], prompt_lens=prompt_lens, pad=pad, cache=cache)]
+        assert len(seen) == len(model.layers)  # one VG call per layer, at prefill
+        for t in range(9, 16):
+            got.append(model(full[:, t:t + 1], cache=cache))
+        assert len(seen) == len(model.layers)  # and none while decoding
+    for h in hooks:
+        h.remove()
+    got = torch.cat(got, 1)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, 3:], want[1, 3:], rtol=1e-5, atol=1e-5)
+
+
+def peft_pair(method):
+    peft = pytest.importorskip("peft")
+    hf = tiny_hf()
+    model = ours_from_hf(hf)
+    if method == "lora":
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(HF_SITES.values()))
+    else:
+        cfg = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    pm = peft.get_peft_model(hf, cfg).eval()
+    return model, pm
+
+
+def test_lora_equals_peft_lora_with_the_same_weights():
+    model, pm = peft_pair("lora")
+    add_adapter(model, AdapterConfig("lora", r=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            for site, path in HF_SITES.items():
+                mod = pm.get_submodule(f"base_model.model.model.layers.{i}.{path}")
+                A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+                B.copy_(torch.randn(B.shape, generator=g) * 0.2)
+                layer.adapters["lora0"].A[site][0].copy_(A)
+                layer.adapters["lora0"].B[site][0].copy_(B)
+    tokens = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        ours, theirs = model(tokens), pm(input_ids=tokens).logits
+        base = pm.get_base_model()
+        with pm.disable_adapter():
+            plain = base(input_ids=tokens).logits
+    assert (theirs - plain).abs().max() > 1e-2  # the LoRA weights matter
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def set_peft_ia3(pm, model_sites, seed=0):
+    """Random (IA)^3 vectors in PEFT; returns them as our k, v, u vectors per layer."""
+    g = torch.Generator().manual_seed(seed)
+    vectors = []
+    with torch.no_grad():
+        for i in range(len(pm.base_model.model.model.layers)):
+            layer = {}
+            for site, path in zip(("k", "v", "u"), ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")):
+                l = pm.get_submodule(f"base_model.model.model.layers.{i}.{path}").ia3_l["default"]
+                l.copy_(1 + 0.5 * torch.randn(l.shape, generator=g))
+                layer[site] = l.detach().reshape(-1).clone()  # down_proj's input scaling is U's scaling
+            vectors.append(layer)
+    return vectors
+
+
+def test_ia3_equals_peft_ia3_with_the_same_vectors():
+    model, pm = peft_pair("ia3")
+    vectors = set_peft_ia3(pm, ("k", "v", "u"))
+    add_adapter(model, AdapterConfig("ia3"))
+    with torch.no_grad():
+        for layer, v in zip(model.layers, vectors):
+            for site in ("k", "v", "u"):
+                layer.adapters["ia30"].vectors[site][0].copy_(v[site])
+    tokens = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), pm(input_ids=tokens).logits, rtol=0, atol=1e-5)
+
+
+def test_para_with_zero_up_and_bias_c_equals_ia3_with_vector_c():
+    model, pm = peft_pair("ia3")
+    vectors = set_peft_ia3(pm, ("k", "v", "u"), seed=4)
+    add_adapter(model, AdapterConfig("para", targets=("k", "v", "u"), pooler="capsule"))
+    randomize(model)  # random W_down, capsules ... then W_up = 0 makes the prompt irrelevant
+    with torch.no_grad():
+        for layer, v in zip(model.layers, vectors):
+            layer.adapters["para0"].up.weight.zero_()
+            layer.adapters["para0"].up.bias[0].copy_(torch.cat([v["k"], v["v"], v["u"]]))
+    tokens = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, prompt_lens=[5, 12]), pm(input_ids=tokens).logits,
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_optimizer_step_changes_the_adapter_and_leaves_the_backbone_bit_identical(method):
+    model = tiny_model()
+    add_adapter(model, AdapterConfig(method))
+    randomize(model, std=0.05)  # LoRA's B and PARA's W_up start at zero: give every tensor a gradient path
+    model.train()
+    backbone = {n: p.clone() for n, p in model.named_parameters() if ".adapters." not in n}
+    adapter = {n: p.clone() for n, p in model.named_parameters() if ".adapters." in n}
+    assert all(p.requires_grad == (".adapters." in n) for n, p in model.named_parameters())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.randint(0, 96, (2, 12))
+    logits = model(tokens, prompt_lens=[5, 7])
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in backbone:
+            assert torch.equal(p, backbone[n]), n
+        else:
+            assert not torch.equal(p, adapter[n]), n
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_then_load_is_bit_exact(method, tmp_path):
+    model = tiny_model()
+    cfg = AdapterConfig(method, pooler="routing") if method == "para" else AdapterConfig(method)
+    add_adapter(model, cfg, "mine")
+    randomize(model, "mine")
+    save_adapter(model, tmp_path / "a.safetensors")
+    fresh = tiny_model()
+    name = load_adapter(fresh, tmp_path / "a.safetensors")
+    assert name == "a"
+    for (k, v), (k2, v2) in zip(adapter_state(model, "mine").items(), adapter_state(fresh, "a").items()):
+        assert k == k2 and torch.equal(v, v2), k
+    tokens = torch.randint(0, 96, (2, 12))
+    assert torch.equal(model(tokens, prompt_lens=[4, 6]), fresh(tokens, prompt_lens=[4, 6]))
+    got_cfg, base, _ = read_adapter(tmp_path / "a.safetensors")
+    assert got_cfg == cfg and base["dim"] == 48 and base["ffn_dim"] == 80
+
+
+def test_para_file_holds_the_tensors_design_md_names():
+    model = tiny_model()
+    add_adapter(model, AdapterConfig("para", r=12, K=4))
+    d_out = 48 + 24 + 80  # q (4 heads x 12) + v (2 kv heads x 12) + u (ffn 80)
+    shapes = {k: tuple(v.shape) for k, v in adapter_state(model, "default").items() if k.startswith("layers.1.")}
+    assert shapes == {"layers.1.vg.down.weight": (12, 48), "layers.1.vg.up.weight": (d_out, 12),
+                      "layers.1.vg.up.bias": (d_out,), "layers.1.vg.pool.weight": (4, 12, 3),
+                      "layers.1.vg.pool.query": (4, 12)}
+
+
+def test_an_adapter_for_another_base_is_refused(tmp_path):
+    model = tiny_model()
+    add_adapter(model, AdapterConfig("para"))
+    save_adapter(model, tmp_path / "a.safetensors")
+    other = tiny_model(dim=64)
+    with pytest.raises(ValueError, match="trained for a base model of shape"):
+        load_adapter(other, tmp_path / "a.safetensors")
+    assert other.tenants == {}
+
+
+def test_a_file_that_is_not_an_adapter_is_refused(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable .safetensors adapter"):
+        load_adapter(tiny_model(), tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_adapter(tiny_model(), tmp_path / "missing.safetensors")
+
+
+def test_merged_lora_equals_unmerged_lora():
+    model = tiny_model()
+    add_adapter(model, AdapterConfig("lora", r=4, alpha=8))
+    randomize(model)
+    tokens = torch.randint(0, 96, (2, 12))
+    unmerged = model(tokens)
+    merge_lora(model)
+    assert model.tenants == {} and all(len(layer.adapters) == 0 for layer in model.layers)
+    torch.testing.assert_close(model(tokens), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mixed_batch_gives_every_row_what_its_adapter_gives_alone():
+    model = tiny_model()
+    for i, (name, cfg) in enumerate([("p1", AdapterConfig("para")), ("p2", AdapterConfig("para")),
+                                     ("last", AdapterConfig("para", pooler="last", r=6)),
+                                     ("lo", AdapterConfig("lora")), ("ia", AdapterConfig("ia3")),
+                                     ("bf", AdapterConfig("bitfit"))]):
+        add_adapter(model, cfg, name)
+        randomize(model, name, seed=10 + i)
+    names = ["p1", "lo", None, "p2", "ia", "bf", "last", "p1"]
+    torch.manual_seed(7)
+    tokens = torch.randint(0, 96, (8, 14))
+    prompt_lens = torch.randint(3, 14, (8,))
+    with torch.no_grad():
+        mixed = model(tokens, prompt_lens=prompt_lens, adapters=names)
+        for b, name in enumerate(names):
+            alone_model = copy.deepcopy(model)
+            for other in [n for n in alone_model.tenants if n != name]:
+                from para_mini import remove_adapter
+                remove_adapter(alone_model, other)
+            alone = alone_model(tokens[b:b + 1], prompt_lens=prompt_lens[b:b + 1])
+            torch.testing.assert_close(mixed[b], alone[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[3])  # two PARA tenants really differ
+
+
+def test_adapter_settings_are_checked():
+    with pytest.raises(ValueError, match="unknown pooler"):
+        AdapterConfig("para", pooler="max")
+    with pytest.raises(ValueError, match="r % K"):
+        AdapterConfig("para", r=10, K=4)
+    with pytest.raises(ValueError, match="unknown adapter method"):
+        AdapterConfig("prefix")
+    with pytest.raises(ValueError, match="PARA adjusts"):
+        AdapterConfig("para", targets=("q", "o"))
+    model = tiny_model()
+    add_adapter(model, AdapterConfig("para"), "a")
+    add_adapter(model, AdapterConfig("ia3"), "b")
+    with pytest.raises(ValueError, match="pass adapters="):
+        model(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(KeyError, match="unknown adapter"):
+        model(torch.zeros(1, 3, dtype=torch.long), adapters=["c"])

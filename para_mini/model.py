@@ -251,50 +251,6 @@ def outside(slots, like):
     return (slots < 0)[:, None, None]
 
 
-def squash(s):
-    # Eq. (8): c = |s|^2 / (1 + |s|^2) * s / |s|, written so that s = 0 gives 0 rather than 0 / 0
-    norm2 = s.pow(2).sum(-1, keepdim=True)
-    return s * norm2.sqrt() / (1 + norm2)
-
-
-class CapsulePooler(nn.Module):
-    """The attentional capsule pooler (Eq. 7-10): T_ins input capsules h'_j -> K output capsules of r / K."""
-
-    def __init__(self, n: int, r: int, K: int, attentional: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n, K, r, r // K) * 0.02)  # W_k^cap, one per output capsule
-        # v_k: PARADE initialises the routing logits with attention; PARADE-2 ("routing") starts them at zero
-        self.query = nn.Parameter(torch.randn(n, K, r) * 0.02) if attentional else None
-
-    def forward(self, h, mask, slots):
-        # h: h' [B, T, r]; mask: [B, T] True at prompt tokens
-        m = h[:, None] @ per_row(self.weight, slots)  # Eq. (7): m_{j->k} = h'_j W_k^cap     [B, K, T, r/K]
-        if self.query is not None:
-            logits = per_row(self.query, slots) @ h.mT  # Eq. (9): m_jk = v_k^T h'_j           [B, K, T]
-        else:
-            logits = h.new_zeros(h.shape[0], m.shape[1], h.shape[1])
-        c = self.capsules(logits, m, mask)
-        logits = logits + (m @ c[..., None]).squeeze(-1)  # Eq. (10): m_jk <- m_jk + c_k . m_{j->k} (DESIGN 2)
-        c = self.capsules(logits, m, mask)
-        return c.flatten(1)  # [c_1, ..., c_K] concatenated: [B, r]
-
-    @staticmethod
-    def capsules(logits, m, mask):
-        n = logits.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)  # Eq. (9), (10): softmax over j
-        s = (n[:, :, None, :] @ m).squeeze(-2)  # Eq. (8): s_k = sum_j n_jk m_{j->k}            [B, K, r/K]
-        return squash(s)  # Eq. (8)
-
-
-def pool_last(h, mask):
-    last = torch.where(mask, torch.arange(mask.shape[1], device=mask.device), -1).amax(-1)  # last prompt token
-    return h[torch.arange(h.shape[0], device=h.device), last]
-
-
-def pool_mean(h, mask):
-    w = mask[..., None].to(h.dtype)
-    return (h * w).sum(1) / w.sum(1)
-
-
 class VectorGenerator(nn.Module):
     """VG (Eq. 3, 6): l = GeLU(Pooler(h W_down)) W_up + b_up, then Split(l) into l_q, l_v, l_u (or any targets).
 
@@ -326,6 +282,50 @@ class VectorGenerator(nn.Module):
     def adjust(self, adj: Adjustment, h, mask, slots):
         for site, l in self(h, mask, slots).items():
             adj.add_scale(site, l.to(h.dtype).masked_fill(outside(slots, l), 1.0))
+
+
+def pool_last(h, mask):
+    last = torch.where(mask, torch.arange(mask.shape[1], device=mask.device), -1).amax(-1)  # last prompt token
+    return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+def pool_mean(h, mask):
+    w = mask[..., None].to(h.dtype)
+    return (h * w).sum(1) / w.sum(1)
+
+
+class CapsulePooler(nn.Module):
+    """The attentional capsule pooler (Eq. 7-10): T_ins input capsules h'_j -> K output capsules of r / K."""
+
+    def __init__(self, n: int, r: int, K: int, attentional: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, K, r, r // K) * 0.02)  # W_k^cap, one per output capsule
+        # v_k: PARADE initialises the routing logits with attention; PARADE-2 ("routing") starts them at zero
+        self.query = nn.Parameter(torch.randn(n, K, r) * 0.02) if attentional else None
+
+    def forward(self, h, mask, slots):
+        # h: h' [B, T, r]; mask: [B, T] True at prompt tokens
+        m = h[:, None] @ per_row(self.weight, slots)  # Eq. (7): m_{j->k} = h'_j W_k^cap     [B, K, T, r/K]
+        if self.query is not None:
+            logits = per_row(self.query, slots) @ h.mT  # Eq. (9): m_jk = v_k^T h'_j           [B, K, T]
+        else:
+            logits = h.new_zeros(h.shape[0], m.shape[1], h.shape[1])
+        c = self.capsules(logits, m, mask)
+        logits = logits + (m @ c[..., None]).squeeze(-1)  # Eq. (10): m_jk <- m_jk + c_k . m_{j->k} (DESIGN 2)
+        c = self.capsules(logits, m, mask)
+        return c.flatten(1)  # [c_1, ..., c_K] concatenated: [B, r]
+
+    @staticmethod
+    def capsules(logits, m, mask):
+        n = logits.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)  # Eq. (9), (10): softmax over j
+        s = (n[:, :, None, :] @ m).squeeze(-2)  # Eq. (8): s_k = sum_j n_jk m_{j->k}            [B, K, r/K]
+        return squash(s)  # Eq. (8)
+
+
+def squash(s):
+    # Eq. (8): c = |s|^2 / (1 + |s|^2) * s / |s|, written so that s = 0 gives 0 rather than 0 / 0
+    norm2 = s.pow(2).sum(-1, keepdim=True)
+    return s * norm2.sqrt() / (1 + norm2)
 
 
 # ------------------------------------------------------------------------- the baselines, side by side with PARA

@@ -1,0 +1,338 @@
+# python -m para_mini.bench: decoding speed of the base model, PARA, (IA)^3 and LoRA with para-mini's KV cache, in
+# the paper's Table 4 setting (one 274-token prompt, 32 new tokens, beam 1 and 3) and in mixed-tenant batches
+# (every request with its own adapter), beside Hugging Face transformers + PEFT on the very same weight tensors
+# when those are installed, so the ratios are measured side by side. Weights are random: nothing is downloaded.
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import adapter_state, add_adapter, remove_adapter
+from .generation import Request, beam_search, generate
+from .model import AdapterConfig, ModelArgs, Transformer
+
+SHAPES = {
+    "tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=344,
+                      max_seq_len=512),
+    "7b": ModelArgs(max_seq_len=4096),  # LLaMA-2 7B
+}
+METHODS = {  # the settings of the paper's Table 4
+    "base": None,
+    "para": AdapterConfig("para", ("q", "v", "u"), r=12, K=4),
+    "ia3": AdapterConfig("ia3", ("k", "v", "u")),  # u: the same as PEFT's scaling of down_proj's input
+    "lora": AdapterConfig("lora", r=4, alpha=8),  # all seven linears, unmerged
+}
+HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+            "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm"}
+DEFINITIONS = {
+    "tokens_per_s": "new tokens generated per second per whole batch: batch size x new tokens / median wall time of "
+                    "the whole generate call, prefill included; beam search counts the returned sequence's tokens, "
+                    "not every beam's",
+    "decode_tokens_per_s": "the same without the prefill: batch x (new tokens - 1) / (total time - ttft)",
+    "ttft_s": "time to first token: median wall time of the same call with max_new_tokens=1 (prefill of the whole "
+              "batch + choosing the first token)",
+    "peak_mem_mib": "torch.cuda.max_memory_allocated over the timed runs, weights included (null on CPU: see "
+                    "cpu_rss_peak_mib for the whole process)",
+    "floor_tokens_per_s": "every weight GEMV of one token (batch 1: x @ W.T for all layers' seven linears and the "
+                          "LM head) replayed from a CUDA graph: the practical floor of batch-1 decoding",
+}
+
+
+def random_model(args: ModelArgs, dtype, device, seed=0) -> Transformer:
+    """Random weights made directly on the device in their final dtype (a 7B model never exists in fp32)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to(dtype).to_empty(device=device)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=g)
+    return model.eval().requires_grad_(False)
+
+
+def attach(model, cfg, n, seed=0):
+    """n tenants of one adapter setting, with random non-trivial weights (at initialisation they are identities)."""
+    names = [f"{cfg.method}{i}" for i in range(n)]
+    g = torch.Generator(model.output.weight.device).manual_seed(seed)
+    for name in names:
+        add_adapter(model, cfg, name)
+        with torch.no_grad():
+            for p in adapter_state(model, name).values():
+                p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.02)
+    model.requires_grad_(False)
+    return names
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(run, batch, new_tokens, device, warmup, repeats):
+    """run(n) generates n tokens for every request of the batch."""
+    ttft = timed(lambda: run(1), device, warmup, repeats)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    total = timed(lambda: run(new_tokens), device, warmup, repeats)
+    return {"tokens_per_s": batch * new_tokens / total,
+            "decode_tokens_per_s": batch * (new_tokens - 1) / (total - ttft) if total > ttft else None,  # noise
+            "ttft_s": ttft, "total_s": total,
+            "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
+
+
+def prompts(vocab, prompt_len, n, seed=0):
+    """n random prompts; in a batch of several their lengths differ (down to half), so rows are left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [prompt_len - (i * 37) % max(prompt_len // 2, 1) for i in range(n)]
+    return [torch.randint(3, vocab, (t,), generator=g).tolist() for t in lens]
+
+
+# ---------------------------------------------------------------------------------------------------- ours
+
+def bench_ours(model, s, device):
+    rows = []
+    generate(model, [Request(p, None, 4) for p in prompts(model.args.vocab_size, s["prompt_len"], 2)])  # warm-up
+    for method, cfg in METHODS.items():
+        names = attach(model, cfg, max(s["mixed"])) if cfg else []
+        for batch, beam in [(1, b) for b in s["beams"]] + [(n, 1) for n in s["mixed"]]:
+            ps = prompts(model.args.vocab_size, s["prompt_len"], batch)
+            adapters = names[:batch] if cfg else [None] * batch
+
+            def run(n):
+                requests = [Request(p, a, n) for p, a in zip(ps, adapters)]
+                if beam == 1:
+                    generate(model, requests, batch_size=batch)
+                else:
+                    beam_search(model, requests, beam=beam, batch_size=batch)
+
+            row = {"impl": "para-mini", "method": method, "batch": batch, "beam": beam,
+                   "tenants": len(set(adapters) - {None})}
+            rows.append(row | measure(run, batch, s["new_tokens"], device, s["warmup"], s["repeats"]))
+            print(f"para-mini {method:5s} batch {batch:2d} beam {beam}: {rows[-1]['tokens_per_s']:.1f} tokens/s",
+                  file=sys.stderr)
+        for name in reversed(names):
+            remove_adapter(model, name)
+    return rows
+
+
+# ------------------------------------------------------------------------------- Hugging Face + PEFT, optional
+
+def hf_twin(model):
+    """A Hugging Face LlamaForCausalLM whose parameters are the very tensors of `model` (no copy)."""
+    import transformers
+    a, w = model.args, model.output.weight
+    cfg = transformers.LlamaConfig(
+        hidden_size=a.dim, intermediate_size=a.ffn_dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
+        max_position_embeddings=a.max_seq_len, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+        pad_token_id=0, attn_implementation="sdpa")
+    with torch.device(w.device):
+        hf = transformers.LlamaForCausalLM._from_config(cfg, dtype=w.dtype)
+    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+             "lm_head.weight": model.output.weight}
+    for i, layer in enumerate(model.layers):
+        for ours, theirs in HF_NAMES.items():
+            state[f"model.layers.{i}.{theirs}.weight"] = layer.get_submodule(ours).weight
+    hf.load_state_dict(state, strict=True, assign=True)
+    hf.generation_config.eos_token_id = None  # exactly max_new_tokens, as for para-mini (eos_id=None)
+    return hf.eval().requires_grad_(False)
+
+
+def hf_inputs(ps, device):
+    T = max(len(p) for p in ps)
+    ids = torch.zeros(len(ps), T, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(ps):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    return ids, mask
+
+
+def bench_hf(model, s, device):
+    import peft
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from inside PEFT
+    hf = hf_twin(model)
+    sites = list(HF_NAMES.values())[:7]
+    peft_configs = {
+        "base": None,
+        "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "lora": peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[x.split(".")[1] for x in sites]),
+    }
+    rows = []
+    for method, cfg in peft_configs.items():
+        # PEFT mixes adapters in one batch (adapter_names=) for LoRA only
+        tenants = max(s["mixed"]) if method == "lora" else 1
+        m = hf
+        if cfg is not None:
+            m = peft.get_peft_model(hf, cfg, adapter_name=f"{method}0")
+            for i in range(1, tenants):
+                m.add_adapter(f"{method}{i}", cfg)
+            m.set_adapter(f"{method}0")
+            g = torch.Generator(device).manual_seed(0)
+            with torch.no_grad():  # B of LoRA starts at zero, (IA)^3's vectors at one
+                for n, p in m.named_parameters():
+                    if "lora_B" in n or "ia3_l" in n:
+                        p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.02)
+            m.eval()
+        settings = [(1, b) for b in s["beams"]] + ([(n, 1) for n in s["mixed"]] if method != "ia3" else [])
+        for batch, beam in settings:
+            ids, mask = hf_inputs(prompts(model.args.vocab_size, s["prompt_len"], batch), device)
+            extra = {"adapter_names": [f"lora{i}" for i in range(batch)]} if method == "lora" and batch > 1 else {}
+
+            def run(n):
+                m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, num_beams=beam,
+                           do_sample=False, pad_token_id=0, **extra)
+
+            row = {"impl": "hf", "method": method, "batch": batch, "beam": beam,
+                   "tenants": len(extra.get("adapter_names", [])) or int(cfg is not None)}
+            rows.append(row | measure(run, batch, s["new_tokens"], device, s["warmup"], s["repeats"]))
+            print(f"hf        {method:5s} batch {batch:2d} beam {beam}: {rows[-1]['tokens_per_s']:.1f} tokens/s",
+                  file=sys.stderr)
+        if cfg is not None:
+            hf = m.unload()  # take the adapter layers out again: the next method starts from the plain model
+    return rows
+
+
+def ratios(rows):
+    """para-mini's tokens/s over Hugging Face's for the same method and setting; PARA, which PEFT does not have,
+    over HF's base, LoRA and (IA)^3 (the paper's comparison)."""
+    hf = {(r["method"], r["batch"], r["beam"]): r["tokens_per_s"] for r in rows if r["impl"] == "hf"}
+    out = []
+    for r in rows:
+        if r["impl"] != "para-mini":
+            continue
+        others = ("base", "lora", "ia3") if r["method"] == "para" else (r["method"],)
+        entry = {"method": r["method"], "batch": r["batch"], "beam": r["beam"]}
+        for other in others:
+            theirs = hf.get((other, r["batch"], r["beam"]))
+            entry[f"over_hf_{other}"] = r["tokens_per_s"] / theirs if theirs else None
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the practical floor
+
+def gemv_floor(model, device, warmup, repeats, replays=20):
+    """Tokens/s of replaying, from one CUDA graph, the weight GEMVs of one token: no attention, no overhead."""
+    weights = [lin.weight for layer in model.layers for lin in
+               (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
+                layer.feed_forward.w1, layer.feed_forward.w3, layer.feed_forward.w2)] + [model.output.weight]
+    xs = {W.shape[1]: torch.randn(1, W.shape[1], dtype=W.dtype, device=device) for W in weights}
+
+    def all_gemvs():
+        for W in weights:
+            F.linear(xs[W.shape[1]], W)  # x @ W.T
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up cuBLAS off the capturing stream, as CUDA graphs require
+        for _ in range(3):
+            all_gemvs()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        all_gemvs()
+
+    def replay():
+        for _ in range(replays):
+            graph.replay()
+
+    return replays / timed(replay, device, warmup, repeats)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Decoding speed of para-mini (base, PARA, (IA)^3, LoRA) beside Hugging "
+                                "Face + PEFT on the same random weights; prints JSON (and writes it to --out).")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: 7b on CUDA, tiny on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="a few tokens and one repeat: checks that it runs")
+    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face + PEFT even when installed")
+    p.add_argument("--out", help="also write the JSON here")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    shape = a.shape or ("7b" if device.type == "cuda" else "tiny")
+    if shape == "7b" and device.type != "cuda":
+        p.error("--shape 7b needs a CUDA GPU (a 7B model decodes at seconds per token on a CPU)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    s = {"prompt_len": 274, "new_tokens": 32, "beams": [1, 3], "mixed": [8, 32],
+         "warmup": 1, "repeats": 3}
+    notes = []
+    if a.quick:
+        s |= {"prompt_len": 24, "new_tokens": 4, "mixed": [4], "warmup": 1, "repeats": 1}
+        notes.append("--quick: 24-token prompts, 4 new tokens, mixed batch of 4, one timed run: a smoke test, "
+                     "not the paper's setting")
+    if shape == "tiny":
+        notes.append("tiny random shape: Python overhead dominates, so ratios say little about a 7B GPU, and CPU "
+                     "timings of a few milliseconds vary by tens of percent from run to run")
+    notes.append("mixed batches: prompt lengths differ (left padding), greedy decoding, every request its own "
+                 "adapter; PEFT mixes adapters in a batch for LoRA only, so Hugging Face (IA)^3 has no mixed rows")
+    notes.append("PARA has no Hugging Face counterpart: its ratios are against HF base / LoRA / (IA)^3")
+
+    model = random_model(SHAPES[shape], dtype, device)
+    rows = bench_ours(model, s, device)
+    hf_error = None
+    if not a.no_hf:
+        try:
+            import peft  # noqa: F401  optional: only for the side-by-side comparison
+            import transformers  # noqa: F401
+        except ImportError as e:
+            hf_error = f"Hugging Face comparison skipped: {e}"
+        else:
+            rows += bench_hf(model, s, device)
+    if hf_error:
+        notes.append(hf_error)
+    floor = gemv_floor(model, device, s["warmup"], s["repeats"]) if device.type == "cuda" else None
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft"):
+        if name in sys.modules:
+            versions[name] = sys.modules[name].__version__
+    a_ = SHAPES[shape]
+    report = {
+        "shape": shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "model": {"dim": a_.dim, "n_layers": a_.n_layers, "n_heads": a_.n_heads, "n_kv_heads": a_.n_kv_heads,
+                  "ffn_dim": a_.ffn_dim, "vocab_size": a_.vocab_size},
+        "methods": {"base": "no adapter", "para": "PARA r=12, K=4, capsule pooler, targets q,v,u",
+                    "ia3": "(IA)^3 on k, v, u (= PEFT's k_proj, v_proj, down_proj input)",
+                    "lora": "LoRA r=4, alpha=8 on all seven linears, unmerged"},
+        "settings": s, "definitions": DEFINITIONS, "notes": notes, "results": rows, "ratios": ratios(rows),
+        "floor_tokens_per_s": floor,
+        "cpu_rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if device.type == "cpu"
+        else None,
+        "versions": versions,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

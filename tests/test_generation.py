@@ -1,0 +1,290 @@
+# Decoding with the explicit KV cache: greedy, sampling and beam search against references that do not use the
+# cache (an exhaustive search scored by full forward passes, Hugging Face's generate), mixed-tenant batches against
+# each request alone, and per-request errors; then the generate.py command line and the benchmark.
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared
+from hf_reference import ours_from_hf, tiny_hf
+from para_mini import AdapterConfig, ModelArgs, Transformer, add_adapter, load_model, save_adapter
+from para_mini.adapters import adapter_state
+from para_mini.generation import Request, beam_search, generate
+from para_mini.model import VectorGenerator
+
+ROOT = Path(__file__).resolve().parents[1]
+EOS = 2
+
+
+def tiny_model(seed=0, vocab=32, std=0.2, **kw):
+    """Random weights large enough that every block, and so every adapter, moves the logits."""
+    torch.manual_seed(seed)
+    args = dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=80, max_seq_len=64) | kw
+    model = Transformer(ModelArgs(**args)).eval().requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.copy_(1 + 0.5 * torch.rand_like(p) if "norm" in name else torch.randn_like(p) * std)
+    return model
+
+
+def randomize(model, name, seed, std=0.3):
+    """Give an adapter non-trivial weights (at initialisation PARA, (IA)^3 and LoRA are all identities)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_state(model, name).values():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def random_prompts(vocab, lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def tenants(model):
+    """Two PARA tenants with different weights, a LoRA and an (IA)^3, all non-trivial."""
+    for i, (name, cfg) in enumerate([("para_a", AdapterConfig("para")), ("para_b", AdapterConfig("para")),
+                                     ("lora", AdapterConfig("lora")), ("ia3", AdapterConfig("ia3"))]):
+        add_adapter(model, cfg, name)
+        randomize(model, name, seed=10 + i)
+    model.requires_grad_(False)
+    return ["para_a", "lora", None, "para_b", "ia3"]
+
+
+# ------------------------------------------------------------------------------------------------ beam search
+
+def test_beam_search_with_beam_1_is_greedy_decoding():
+    model = tiny_model(vocab=8)  # a tiny vocabulary: eos is often the most likely token
+    requests = [Request(p, None, 12) for p in random_prompts(8, [3, 7, 5, 10, 4, 6])]
+    greedy = generate(model, requests, eos_id=EOS)
+    beams = beam_search(model, requests, beam=1, eos_id=EOS)
+    assert {g.stop for g in greedy} == {"eos", "length"}  # both ways of stopping are exercised
+    for g, b in zip(greedy, beams):
+        assert (b.tokens, b.stop) == (g.tokens, g.stop)
+
+
+def exhaustive(model, prompt, n_new, length_penalty):
+    """Every continuation of up to n_new tokens (ending at eos or at n_new), scored by full forward passes
+    without the cache: sum of log-probs / length ** length_penalty, eos counted -> [(score, tokens)], best first."""
+    V = model.args.vocab_size
+    seqs = [s[:k] for k in range(1, n_new + 1) for s in itertools.product(range(V), repeat=k)
+            if EOS not in s[:k - 1] and (s[k - 1] == EOS or k == n_new)]
+    seqs = sorted(set(seqs))
+    scored = []
+    for s in seqs:
+        tokens = torch.tensor([prompt + list(s)])
+        logp = model(tokens)[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        total = sum(logp[i, t].item() for i, t in enumerate(s))
+        scored.append((total / len(s) ** length_penalty, list(s[:-1]) if s[-1] == EOS else list(s)))
+    return sorted(scored, key=lambda x: -x[0])
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_beam_search_wide_enough_to_keep_every_hypothesis_equals_exhaustive_search(length_penalty):
+    # A beam as wide as the vocabulary keeps every hypothesis for two tokens only; for n_new tokens it takes
+    # vocab ** n_new beams, which on a 6-token vocabulary and 3 new tokens is 216 rows of a tiny model.
+    V, n_new = 6, 3
+    model = tiny_model(vocab=V, seed=3)
+    prompt = random_prompts(V, [5], seed=1)[0]
+    want = exhaustive(model, prompt, n_new, length_penalty)
+    [got] = beam_search(model, [Request(prompt, None, n_new)], beam=V ** n_new, length_penalty=length_penalty,
+                        num_return=5, eos_id=EOS)
+    assert [t for t, _ in got.beams] == [t for _, t in want[:5]]
+    for (_, score), (ref, _) in zip(got.beams, want):
+        assert math.isclose(score, ref, rel_tol=1e-5)
+    assert any(len(t) < n_new for _, t in want[:5])  # hypotheses ending in eos compete with full-length ones
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_beam_search_as_wide_as_the_vocabulary_finds_the_exhaustive_best_of_two_tokens(length_penalty, seed):
+    V, n_new = 6, 2
+    model = tiny_model(vocab=V, seed=seed)
+    prompt = random_prompts(V, [5], seed=seed)[0]
+    (best_score, best), *_ = exhaustive(model, prompt, n_new, length_penalty)
+    [got] = beam_search(model, [Request(prompt, None, n_new)], beam=V, length_penalty=length_penalty, eos_id=EOS)
+    assert got.beams[0][0] == best and got.tokens == best
+    assert math.isclose(got.beams[0][1], best_score, rel_tol=1e-5)
+
+
+def test_beam_search_equals_hugging_face_generate_with_num_beams():
+    pytest.importorskip("transformers")
+    hf = tiny_hf(seed=1, vocab=8, std=0.3)
+    model = ours_from_hf(hf)
+    prompts = random_prompts(8, [3, 5, 9], seed=2)
+    n_ended = 0
+    for length_penalty, beam in [(1.0, 3), (0.0, 2), (2.0, 4), (-0.5, 3)]:
+        ours = beam_search(model, [Request(p, None, 10) for p in prompts], beam=beam,
+                           length_penalty=length_penalty, num_return=beam, eos_id=EOS)  # one batch, left-padded
+        for p, res in zip(prompts, ours):
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=10, num_beams=beam, num_return_sequences=beam, do_sample=False,
+                              length_penalty=length_penalty, early_stopping=False, eos_token_id=EOS,
+                              pad_token_id=EOS, output_scores=True, return_dict_in_generate=True)
+            for (tokens, score), seq, ref in zip(res.beams, out.sequences[:, len(p):].tolist(),
+                                                 out.sequences_scores.tolist()):
+                n_ended += EOS in seq
+                assert tokens == (seq[:seq.index(EOS)] if EOS in seq else seq)
+                assert math.isclose(score, ref, rel_tol=1e-5)
+    assert n_ended > 0
+
+
+# ------------------------------------------------------------------------------------ many tenants in a batch
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_mixed_batch_gives_every_request_what_it_gets_alone(beam):
+    model = tiny_model(vocab=64, max_seq_len=48)
+    names = tenants(model)
+    prompts = random_prompts(64, [9, 4, 13, 9, 6], seed=4)  # different lengths: rows are left-padded
+    requests = [Request(p, a, 8) for p, a in zip(prompts, names)]
+    run = (lambda rs: generate(model, rs, eos_id=EOS)) if beam == 1 else \
+        (lambda rs: beam_search(model, rs, beam=beam, num_return=2, eos_id=EOS))
+    mixed = run(requests)
+    for r, m in zip(requests, mixed):
+        [alone] = run([r])
+        assert m.tokens == alone.tokens and m.stop == alone.stop
+        for (t, s), (t2, s2) in zip(m.beams, alone.beams):
+            assert t == t2 and math.isclose(s, s2, rel_tol=1e-5)
+    same_prompt = [Request(prompts[0], a, 8) for a in names]
+    assert len({tuple(r.tokens) for r in run(same_prompt)}) == len(names)  # each adapter really changes the output
+
+
+def test_the_vector_generator_runs_at_prefill_only():
+    model = tiny_model(vocab=64)
+    names = tenants(model)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1))
+             for layer in model.layers for m in layer.adapters.values() if isinstance(m, VectorGenerator)]
+    assert len(hooks) == len(model.layers)  # the two PARA tenants share one bank: one generator per layer
+    requests = [Request(p, a, 10) for p, a in zip(random_prompts(64, [5, 8, 3, 6, 7]), names)]
+    generate(model, requests)  # no eos: ten decoding steps
+    assert len(calls) == len(model.layers)
+    beam_search(model, requests, beam=3)
+    assert len(calls) == 2 * len(model.layers)
+    for h in hooks:
+        h.remove()
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+def test_sampling_with_a_seed_is_reproducible_and_another_seed_samples_differently():
+    model = tiny_model(vocab=64)
+    prompts = random_prompts(64, [6, 3, 9])
+    sample = lambda seed, rs: [r.tokens for r in generate(model, rs, temperature=1.0, seed=seed)]
+    requests = [Request(p, None, 12) for p in prompts]
+    first = sample(7, requests)
+    assert sample(7, requests) == first
+    assert sample(8, requests) != first
+    # a request's own seed makes its sample independent of the rest of its batch
+    alone = sample(0, [Request(prompts[1], None, 12, seed=7)])
+    assert alone == [first[1]]
+
+
+def test_sampling_from_the_single_most_likely_token_is_greedy_decoding():
+    model = tiny_model(vocab=64)
+    requests = [Request(p, None, 10) for p in random_prompts(64, [6, 3, 9])]
+    greedy = [r.tokens for r in generate(model, requests)]
+    assert [r.tokens for r in generate(model, requests, temperature=1.5, top_k=1)] == greedy
+    assert [r.tokens for r in generate(model, requests, temperature=1.5, top_p=1e-6)] == greedy
+
+
+def test_the_stream_callback_sees_every_token_of_every_request_in_order():
+    model = tiny_model(vocab=16)
+    requests = [Request(p, None, 9) for p in random_prompts(16, [6, 3, 9, 2])]
+    seen = {}
+    results = generate(model, requests, eos_id=EOS, stream=lambda i, t: seen.setdefault(i, []).append(t))
+    assert [seen.get(i, []) for i in range(4)] == [r.tokens for r in results]
+
+
+# ---------------------------------------------------------------------------------------------- bad requests
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_bad_requests_get_their_own_error_and_the_others_complete(beam):
+    model = tiny_model(vocab=64)
+    tenants(model)
+    good = [Request([1, 5, 9], "para_a", 6), Request([1, 7], None, 6)]
+    bad = [Request([1, 5], "nobody", 6), Request([], None, 6), Request([1] * 60, None, 6)]
+    run = (lambda rs: generate(model, rs)) if beam == 1 else (lambda rs: beam_search(model, rs, beam=beam))
+    results = run([good[0], bad[0], bad[1], good[1], bad[2]])
+    assert "unknown adapter 'nobody'" in results[1].error
+    assert "empty prompt" in results[2].error
+    assert "exceeds the model's context of 64 tokens" in results[4].error
+    assert [results[0].tokens, results[3].tokens] == [r.tokens for r in run(good)]
+    assert results[0].error is None and len(results[0].tokens) == 6
+
+
+# ------------------------------------------------------------------------------------------------- generate.py
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, argv)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_generate_py_answers_every_good_line_and_names_the_file_and_line_of_each_bad_one(tmp_path):
+    weights = shared("assets", "stories260K", "hf")
+    model = load_model(weights)
+    add_adapter(model, AdapterConfig("para"), "story")
+    randomize(model, "story", seed=0)
+    save_adapter(model, tmp_path / "story.safetensors")
+    lines = [{"prompt": "Once upon a time", "adapter": "story", "chat": False},
+             {"prompt": "Lily", "adapter": "nobody"},
+             "this line is not json",
+             {"prompt": ""},
+             {"prompt": "word " * 600},
+             {"prompt": "Tom had a dog", "beam": 2, "num_return": 2},
+             {"prompt": "A cat", "max_tokens": 3}]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("--weights", weights, "--adapter", tmp_path / "story.safetensors", "--requests", requests,
+                   "--output", out, "--max-new-tokens", 16)
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(got) == len(lines)
+    assert got[0]["output"] and got[5]["output"] and len(got[5]["beams"]) == 2
+    errors = {i: g["error"] for i, g in enumerate(got) if "error" in g}
+    assert sorted(errors) == [1, 2, 3, 4, 6]
+    for i, e in errors.items():
+        assert e.startswith(f"{requests}:{i + 1}: ")
+        assert e in proc.stderr
+    assert "unknown adapter 'nobody'" in errors[1] and "empty prompt" in errors[3]
+    assert "exceeds the model's context of 512" in errors[4] and "max_tokens" in errors[6]
+    # the adapter's line, answered alone, is the same answer
+    requests.write_text(json.dumps(lines[0]) + "\n")
+    proc = run_cli("--weights", weights, "--adapter", f"story={tmp_path / 'story.safetensors'}",
+                   "--requests", requests, "--max-new-tokens", 16)
+    assert json.loads(proc.stdout)["output"] == got[0]["output"]
+
+
+def test_generate_py_streams_a_single_prompt_as_the_api_decodes_it():
+    from para_mini import load_tokenizer
+    weights = shared("assets", "stories260K", "hf")
+    proc = run_cli("--weights", weights, "--prompt", "Once upon a time", "--no-chat", "--max-new-tokens", 40)
+    assert proc.returncode == 0, proc.stderr
+    tok = load_tokenizer(weights)
+    [res] = generate(load_model(weights), [Request(tok.encode("Once upon a time", bos=True), None, 40)],
+                     eos_id=tok.eos_id)
+    assert proc.stdout == tok.decode(res.tokens) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------- bench
+
+def test_the_bench_runs_on_cpu_and_prints_json_with_the_documented_keys(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "para_mini.bench", "--shape", "tiny", "--device", "cpu", "--quick",
+                           "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report == json.loads((tmp_path / "bench.json").read_text())
+    assert {"shape", "device", "settings", "definitions", "results", "ratios", "floor_tokens_per_s",
+            "cpu_rss_peak_mib", "notes"} <= set(report)
+    ours = {(r["method"], r["batch"], r["beam"]) for r in report["results"] if r["impl"] == "para-mini"}
+    assert ours == {(m, b, k) for m in ("base", "para", "ia3", "lora") for b, k in [(1, 1), (1, 3), (4, 1)]}
+    for r in report["results"]:
+        assert r["tokens_per_s"] > 0 and 0 < r["ttft_s"] <= r["total_s"]
+        assert set(r) >= {"impl", "method", "batch", "beam", "tokens_per_s", "ttft_s", "peak_mem_mib"}
+    assert report["floor_tokens_per_s"] is None and report["cpu_rss_peak_mib"] > 0  # CUDA only; CPU: the RSS

@@ -1,0 +1,143 @@
+# train.py end to end on the shared 260K model: it learns, it saves, it resumes exactly, it says what is wrong.
+import json
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+from para_mini import load_adapter, load_model, load_tokenizer  # noqa: E402
+from para_mini.adapters import read_adapter  # noqa: E402
+from para_mini.data import SYSTEM_PROMPT  # noqa: E402
+from para_mini.metrics import score  # noqa: E402
+
+COLOURS = {"apple": "red", "banana": "yellow", "sky": "blue", "grass": "green", "snow": "white", "coal": "black"}
+
+
+def write_colour_data(path, n, seed):
+    """A task the 260K model can learn in a few steps: name the colour of a thing."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            thing = rng.choice(sorted(COLOURS))
+            f.write(json.dumps({"prompt": f"What colour is the {thing}?", "response": COLOURS[thing]}) + "\n")
+    return path
+
+
+def run_args(tmp_path, *extra):
+    weights = shared("assets", "stories260K", "hf")
+    data = write_colour_data(tmp_path / "train.jsonl", 96, 0)
+    dev = write_colour_data(tmp_path / "dev.jsonl", 24, 1)
+    test = write_colour_data(tmp_path / "test.jsonl", 24, 2)
+    return train.parse_args(["--data", str(data), "--dev", str(dev), "--test", str(test), "--weights", str(weights),
+                             "--tokenizer", str(weights / "tokenizer.model"), "--lr", "1e-2", "--batch-size", "8",
+                             "--max-steps", "12", "--eval-every", "4", "--beam", "1", "--max-new-tokens", "4",
+                             "--out", str(tmp_path / "run"), "--device", "cpu", *extra])
+
+
+def test_training_lowers_the_dev_loss_writes_an_adapter_and_a_summary_that_reloading_reproduces(tmp_path, capsys):
+    args = run_args(tmp_path, "--max-steps", "40", "--eval-every", "8")
+    summary = train.train(args)
+    out = tmp_path / "run"
+    assert (out / "adapter.safetensors").is_file() and (out / "checkpoint.pt").is_file()
+    assert json.loads((out / "summary.json").read_text())["test"] == summary["test"]
+    printed = capsys.readouterr().out
+    dev_losses = [float(line.split("dev loss ")[1].split()[0]) for line in printed.splitlines() if "dev loss" in line]
+    assert len(dev_losses) == 5 and dev_losses[-1] < dev_losses[0] - 2.0, dev_losses
+    assert summary["test"]["rouge-l"] > 0  # it answers some colours right
+    assert "dev rouge-l:" in printed and "test rouge-l:" in printed
+
+    # reloading the adapter into a fresh backbone reproduces the reported metric
+    model = load_model(args.weights)
+    tok = load_tokenizer(args.tokenizer)
+    load_adapter(model, out / "adapter.safetensors")
+    from para_mini.data import load_task, one_per_query
+    task, test = load_task(args.test)
+    test = one_per_query(test)
+    preds = train.predict(model, tok, task, test, args, SYSTEM_PROMPT)
+    assert score(task, preds, test) == summary["test"]
+
+
+def test_an_interrupted_run_resumed_ends_with_the_same_adapter_bit_for_bit(tmp_path):
+    straight = run_args(tmp_path, "--out", str(tmp_path / "straight"))
+    train.train(straight)
+
+    def ctrl_c_at_step_6(step):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path: stop at the step boundary, checkpoint
+
+    broken = run_args(tmp_path, "--out", str(tmp_path / "broken"))
+    with pytest.raises(KeyboardInterrupt):
+        train.train(broken, on_step=ctrl_c_at_step_6)
+    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=True)["step"] == 6
+    train.train(run_args(tmp_path, "--out", str(tmp_path / "broken"), "--resume"))
+
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for k in a["adapter"]:
+        assert torch.equal(a["adapter"][k], b["adapter"][k]), k
+    # and the best adapters on disk hold the same tensors (safetensors may order its metadata either way)
+    cfg_a, base_a, best_a = read_adapter(tmp_path / "straight" / "adapter.safetensors")
+    cfg_b, base_b, best_b = read_adapter(tmp_path / "broken" / "adapter.safetensors")
+    assert (cfg_a, base_a) == (cfg_b, base_b) and best_a.keys() == best_b.keys()
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+def test_the_loss_mask_covers_exactly_the_response_tokens_and_eos():
+    tok = load_tokenizer(shared("assets", "llama2-tokenizer", "tokenizer.model"))
+    pairs = [tok.encode_chat("Is the sky blue?", "yes", SYSTEM_PROMPT), tok.encode_chat("Two plus two?", "four")]
+    tokens, targets, lens = train.collate(pairs, tok.pad_id, "cpu")
+    for b, (p, r) in enumerate(pairs):
+        assert r[-1] == tok.eos_id
+        assert lens[b] == len(p)
+        supervised = (targets[b] != -100).nonzero().flatten().tolist()
+        assert supervised == list(range(len(p) - 1, len(p) + len(r) - 1))  # the last prompt token predicts r[0]
+        assert targets[b, supervised].tolist() == r
+        assert tokens[b, :len(p) + len(r)].tolist() == p + r
+
+
+def test_the_learning_rate_warms_up_for_6_percent_then_decays_linearly_to_zero():
+    args = train.parse_args(["--data", "x", "--weights", "y", "--lr", "1e-4"])
+    lrs = [train.lr_at(s, 100, args) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4 / 6) and lrs[5] == pytest.approx(1e-4)
+    assert lrs[6] == pytest.approx(1e-4 * 94 / 94) and lrs[53] == pytest.approx(1e-4 * 47 / 94)
+    assert lrs[99] == pytest.approx(1e-4 / 94) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def bad_run(tmp_path, capsys, data_text, *extra, name="train.jsonl"):
+    path = tmp_path / name
+    path.write_text(data_text)
+    weights = shared("assets", "stories260K", "hf")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(path), "--weights", str(weights), "--out", str(tmp_path / "run"), *extra])
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs_get_clear_messages(tmp_path, capsys):
+    good = lambda n: "".join(json.dumps({"prompt": f"question {i}", "response": "b"}) + "\n" for i in range(n))
+    err = bad_run(tmp_path, capsys, good(3) + "{not json\n")
+    assert "train.jsonl:4" in err
+    err = bad_run(tmp_path, capsys, json.dumps({"foo": 1, "bar": 2}) + "\n")
+    assert "no known task has the fields" in err and "boolq" in err and '"prompt"' in err
+    err = bad_run(tmp_path, capsys, "")
+    assert "no examples" in err
+    err = bad_run(tmp_path, capsys, json.dumps({"question": "q", "passage": "p", "idx": 0}) + "\n")
+    assert "no label" in err
+    err = bad_run(tmp_path, capsys, good(4), "--dev", str(tmp_path / "nothing.jsonl"))
+    assert "nothing.jsonl" in err
+    err = bad_run(tmp_path, capsys, good(30), "--weights", str(tmp_path / "no-weights"))
+    assert "no-weights" in err
+    long = "".join(json.dumps({"prompt": f"{i} " + "word " * 600, "response": "b"}) + "\n" for i in range(30))
+    err = bad_run(tmp_path, capsys, long)
+    assert "longer than the model's context" in err
+    err = bad_run(tmp_path, capsys, good(30), "--max-len", "4096")
+    assert "exceeds the model's context of 512" in err

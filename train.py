@@ -1,0 +1,351 @@
+"""Fine-tune LLaMA-2 with PARA / PARADE (or LoRA, (IA)^3, BitFit) on one of the paper's tasks.
+
+    python train.py --data boolq.jsonl --weights weights/Llama-2-7b-hf
+
+The loop is written out by hand so it reads top to bottom: AdamW, linear decay after a 6% warm-up, gradient
+accumulation and clipping, loss on the response tokens only, dev loss every --eval-every steps with early
+stopping, the best adapter saved atomically, a resumable checkpoint (also on Ctrl-C), then test predictions and
+the paper's metric, written as a JSON summary next to the adapter.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from para_mini import AdapterConfig, add_adapter, load_adapter, load_model, load_tokenizer, save_adapter
+from para_mini.adapters import adapter_state, remove_adapter
+from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
+from para_mini.generation import generate_texts
+from para_mini.metrics import METRIC, score
+
+# How much each task may generate at evaluation: labels are a word or two, the rest are free text.
+MAX_NEW_TOKENS = {"gsm8k": 256, "e2e": 96, "wikisql": 96, "alpaca": 256, "generic": 128, "squad": 32,
+                  "record": 32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="training file (jsonl / tsv / csv / json as published)")
+    g.add_argument("--dev", help="dev file (default: a seeded 10%% split of --data)")
+    g.add_argument("--test", help="test file (default: a seeded 10%% split of --data when --dev is not given)")
+    g.add_argument("--task", help="task name; default: recognised from the file's fields")
+    g.add_argument("--max-train", type=int, help="use only the first N training examples (after shuffling)")
+    g.add_argument("--max-eval", type=int, help="evaluate on at most N dev / test examples")
+    g.add_argument("--max-len", type=int, default=512, help="tokens per example; passages are cut to fit (512)")
+    g = p.add_argument_group("model")
+    g.add_argument("--weights", required=True, help="checkpoint: HF or Meta directory, llama2.c .bin / .pt")
+    g.add_argument("--tokenizer", help="tokenizer.model (default: found beside or inside --weights)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", choices=["fp32", "bf16"], help="backbone dtype (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["para", "lora", "ia3", "bitfit"], default="para")
+    g.add_argument("--targets", help="comma-separated among q,k,v,o,g,u,d (default: the method's own)")
+    g.add_argument("--r", type=int, help="PARA bottleneck (default 12) or LoRA rank (default 4)")
+    g.add_argument("--pooler", choices=["capsule", "last", "routing", "mean"], default="capsule",
+                   help="PARA pooler: capsule = PARADE, last = PARA / PARADE-1, routing = PARADE-2")
+    g.add_argument("--K", type=int, default=4, help="PARA capsules (default 4)")
+    g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA scaling alpha (update * alpha / r)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup", type=float, default=0.06, help="fraction of steps of linear warm-up")
+    g.add_argument("--epochs", type=float, default=3)
+    g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
+    g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    g.add_argument("--eval-every", type=int, default=100, help="dev loss every N steps")
+    g.add_argument("--patience", type=int, default=10, help="stop after N evaluations without a better dev loss")
+    g.add_argument("--seed", type=int, default=42)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", help="run directory (default: runs/<task>-<method>)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--beam", type=int, default=3, help="beam size for test predictions (the paper: 3)")
+    g.add_argument("--max-new-tokens", type=int, help="generation budget (default: per task)")
+    g.add_argument("--eval-batch-size", type=int, default=16)
+    g.add_argument("--log-every", type=int, default=10)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------- the data
+
+def tokenize(examples, tok, max_len, system, budget=None):
+    """(prompt_ids, response_ids) per example, passages shortened so the whole example fits in max_len; with a
+    generation budget, the prompt alone is fitted into max_len - budget (evaluation: the response is generated)."""
+    if budget is None:
+        count = lambda q, r: sum(map(len, tok.encode_chat(q, r, system)))
+    else:
+        count = lambda q, r: len(tok.encode_chat(q, None, system)[0]) + budget
+    out, cut = [], 0
+    for i, ex in enumerate(examples):
+        try:
+            ex, was_cut = truncate(ex, count, max_len)
+        except ValueError as e:
+            raise ValueError(f"example {i} ({ex.query[:60]!r}...): {e}; raise --max-len or shorten it") from None
+        cut += was_cut
+        out.append(tok.encode_chat(ex.query, ex.response, system))
+    return out, cut
+
+
+def collate(pairs, pad_id, device):
+    """Right-padded inputs, targets that are -100 except on response tokens (EOS included), prompt lengths."""
+    T = max(len(p) + len(r) for p, r in pairs)
+    tokens = torch.full((len(pairs), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(pairs), T), -100, dtype=torch.long)
+    for b, (p, r) in enumerate(pairs):
+        seq = p + r
+        tokens[b, :len(seq)] = torch.tensor(seq)
+        targets[b, len(p) - 1:len(seq) - 1] = torch.tensor(r)  # position t predicts token t + 1
+    lens = torch.tensor([len(p) for p, _ in pairs])
+    return tokens.to(device), targets.to(device), lens.to(device)
+
+
+@lru_cache(maxsize=4)
+def epoch_order(n, epoch, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def batch_indices(step, n, per_step, seed):
+    """The training examples of optimizer step `step`: a function of the step alone, so resuming is exact."""
+    idx = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(k, n)
+        idx.append(epoch_order(n, epoch, seed)[i])
+    return idx
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+
+def lr_at(step, total, args):
+    warmup = max(1, math.ceil(args.warmup * total))
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    return args.lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def loss_sum(model, tokens, targets, lens, autocast):
+    with autocast:
+        logits = model(tokens, prompt_lens=lens)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+@torch.no_grad()
+def dev_loss(model, pairs, args, pad_id, autocast):
+    total, n = 0.0, 0
+    for i in range(0, len(pairs), args.eval_batch_size):
+        tokens, targets, lens = collate(pairs[i:i + args.eval_batch_size], pad_id, args.device)
+        total += loss_sum(model, tokens, targets, lens, autocast).item()
+        n += (targets != -100).sum().item()
+    return total / n
+
+
+def atomic_save(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_state(model, opt, step, best, bad):
+    return {"step": step, "best": best, "bad": bad, "optimizer": opt.state_dict(),
+            "adapter": {k: v.detach().clone() for k, v in adapter_state(model, "default").items()}}
+
+
+class Progress:
+    """One updating line on a terminal; a plain line per log step otherwise (logs, CI)."""
+
+    def __init__(self, total, start_step):
+        self.total, self.start_step, self.t0, self.tty = total, start_step, time.time(), sys.stdout.isatty()
+        self.tokens, self.train_seconds = 0, 0.0  # tokens/s counts training steps, not evaluations
+
+    def show(self, step, loss, lr):
+        el = time.time() - self.t0
+        done = step + 1 - self.start_step
+        eta = el / max(1, done) * (self.total - step - 1)
+        tps = self.tokens / max(self.train_seconds, 1e-9)
+        line = (f"step {step + 1}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
+                f"  elapsed {el:,.0f}s  eta {eta:,.0f}s")
+        print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def message(self, text):
+        print(("\n" if self.tty else "") + text, flush=True)
+
+
+def train(args, on_step=None):
+    torch.manual_seed(args.seed)
+    device = args.device
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device != "cpu" else "fp32")]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+
+    # data
+    task, train_ex = load_task(args.data, args.task)
+    dev_ex = load_task(args.dev, task)[1] if args.dev else None
+    test_ex = load_task(args.test, task)[1] if args.test else None
+    if dev_ex is None:
+        train_ex, dev_ex, split_test = split(train_ex, 0.1, 0.0 if test_ex or args.dev else 0.1, seed=args.seed)
+        test_ex = test_ex if test_ex is not None else (split_test or None)
+    if args.max_train:
+        train_ex = [train_ex[i] for i in epoch_order(len(train_ex), -1, args.seed)[:args.max_train]]
+    for name, part in (("train", train_ex), ("dev", dev_ex)):
+        if not part:
+            raise ValueError(f"the {name} split is empty: give more data or a --{name if name != 'train' else 'data'} file")
+    dev_eval = one_per_query(dev_ex)[:args.max_eval]
+    test_eval = one_per_query(test_ex)[:args.max_eval] if test_ex else None
+
+    # model, tokenizer, adapter
+    model = load_model(args.weights, dtype=dtype, device=device, max_seq_len=None)
+    tok = load_tokenizer(args.tokenizer or find_tokenizer(args.weights))
+    if args.max_len > model.args.max_seq_len:
+        raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {model.args.max_seq_len} tokens")
+    model.checkpointing = args.grad_checkpointing
+    system = SYSTEM_PROMPT
+    train_pairs, cut = tokenize(train_ex, tok, args.max_len, system)
+    dev_pairs, dev_cut = tokenize(dev_ex[:args.max_eval], tok, args.max_len, system)
+    print(f"task {task}: {len(train_pairs)} train / {len(dev_pairs)} dev / {len(test_ex or [])} test examples; "
+          f"{cut + dev_cut} passages truncated to fit {args.max_len} tokens", flush=True)
+    targets = tuple(args.targets.split(",")) if args.targets else ()
+    cfg = AdapterConfig(args.method, targets, r=args.r or (12 if args.method == "para" else 4), pooler=args.pooler,
+                        K=args.K, alpha=args.lora_alpha)
+    add_adapter(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    print(f"{args.method}: {sum(p.numel() for p in params):,} tunable parameters ({asdict(cfg)})", flush=True)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+    per_step = args.batch_size * args.grad_accum
+    total = args.max_steps or max(1, math.ceil(args.epochs * len(train_pairs) / per_step))
+    out = Path(args.out or f"runs/{task}-{args.method}")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, adapter_path = out / "checkpoint.pt", out / "adapter.safetensors"
+    step, best, bad = 0, float("inf"), 0
+    if args.resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        with torch.no_grad():
+            for k, p in adapter_state(model, "default").items():
+                p.copy_(ck["adapter"][k])
+        opt.load_state_dict(ck["optimizer"])
+        step, best, bad = ck["step"], ck["best"], ck["bad"]
+        print(f"resumed from {ckpt_path} at step {step}", flush=True)
+
+    # the loop
+    model.train()
+    progress = Progress(total, step)
+    stop = []  # Ctrl-C asks to stop at the next step boundary, so the checkpoint is never half-updated
+
+    def on_ctrl_c(signum, frame):
+        if stop:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        stop.append(True)
+        progress.message("Ctrl-C: saving a checkpoint after this step (press again to quit at once)")
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        while step < total and bad < args.patience and not stop:
+            t0 = time.time()
+            lr = lr_at(step, total, args)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = [train_pairs[i] for i in batch_indices(step, len(train_pairs), per_step, args.seed)]
+            n_tokens = sum(len(r) for _, r in batch)  # the loss is a mean over the step's response tokens
+            step_loss = 0.0
+            for m in range(0, per_step, args.batch_size):
+                tokens, tgt, lens = collate(batch[m:m + args.batch_size], tok.pad_id, device)
+                loss = loss_sum(model, tokens, tgt, lens, autocast) / n_tokens
+                loss.backward()
+                step_loss += loss.item()
+                progress.tokens += tokens.numel()
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            progress.train_seconds += time.time() - t0
+            if step % args.log_every == 0 or step == total:
+                progress.show(step - 1, step_loss, lr)
+            if step % args.eval_every == 0 or step == total:
+                model.eval()
+                loss = dev_loss(model, dev_pairs, args, tok.pad_id, autocast)
+                model.train()
+                better = loss < best
+                best, bad = (loss, 0) if better else (best, bad + 1)
+                if better:
+                    save_adapter(model, adapter_path)
+                progress.message(f"step {step}: dev loss {loss:.4f}" + ("  (best: adapter saved)" if better else
+                                 f"  (no better for {bad} / {args.patience})"))
+                atomic_save(checkpoint_state(model, opt, step, best, bad), ckpt_path)
+            if on_step is not None:
+                on_step(step)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop:
+        atomic_save(checkpoint_state(model, opt, step, best, bad), ckpt_path)
+        progress.message(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
+        raise KeyboardInterrupt
+    if bad >= args.patience:
+        progress.message(f"early stop at step {step}: dev loss did not improve for {args.patience} evaluations")
+    if not adapter_path.exists():
+        raise RuntimeError(f"no adapter was saved in {out}: the dev loss was never finite")
+
+    # evaluation with the best adapter, as it is saved on disk
+    model.eval()
+    remove_adapter(model, "default")
+    load_adapter(model, adapter_path, "default")
+    summary = {"task": task, "metric_name": METRIC[task], "adapter": str(adapter_path), "steps": step,
+               "best_dev_loss": best, "train_examples": len(train_pairs), "truncated": cut + dev_cut,
+               "settings": {k: v for k, v in vars(args).items()}, "adapter_config": asdict(cfg)}
+    for name, part in (("dev", dev_eval), ("test", test_eval)):
+        if part:
+            preds = predict(model, tok, task, part, args, system)
+            summary[name] = score(task, preds, part)
+            print(f"{name} {METRIC[task]}: {summary[name][METRIC[task]]:.2f} ({len(part)} examples)", flush=True)
+            with open(out / f"predictions_{name}.jsonl", "w") as f:
+                for ex, pred in zip(part, preds):
+                    f.write(json.dumps({"prompt": ex.query, "prediction": pred, "references": ex.references}) + "\n")
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, out / "summary.json")
+    print(f"adapter: {adapter_path}\nsummary: {out / 'summary.json'}", flush=True)
+    return summary
+
+
+def predict(model, tok, task, examples, args, system):
+    """Generated text for each example (greedy for --beam 1, else beam search as in the paper)."""
+    budget = args.max_new_tokens or MAX_NEW_TOKENS.get(task, 8)
+    max_len = min(args.max_len, model.args.max_seq_len)
+    prompts = [p for p, _ in tokenize(examples, tok, max_len, system, budget)[0]]
+    return generate_texts(model, tok, prompts, max_new_tokens=budget, beam=args.beam,
+                          batch_size=args.eval_batch_size)
+
+
+def find_tokenizer(weights):
+    w = Path(weights)
+    for c in (w / "tokenizer.model", w.parent / "tokenizer.model", *sorted(w.parent.glob("tok*.model"))):
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"no tokenizer.model in or beside {weights}: pass --tokenizer")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from para_mini import load_adapter, load_model, load_tokenizer
+from para_mini import find_tokenizer, load_adapter, load_model, load_tokenizer
 from para_mini.generation import Request, beam_search, generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,14 +68,6 @@ def parse_args(argv=None):
     if args.prompt is not None and len(args.adapter) > 1:
         p.error("--prompt uses at most one --adapter; mix adapters with --requests")
     return args
-
-
-def find_tokenizer(weights):
-    w = Path(weights)
-    for candidate in (w / "tokenizer.model", w.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no tokenizer.model inside or beside {weights}: pass --tokenizer")
 
 
 def load(args):

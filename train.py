@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from para_mini import AdapterConfig, add_adapter, load_adapter, load_model, load_tokenizer, save_adapter
+from para_mini import AdapterConfig, add_adapter, find_tokenizer, load_adapter, load_model, load_tokenizer, save_adapter
 from para_mini.adapters import adapter_state, remove_adapter
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
 from para_mini.generation import generate_texts
@@ -326,14 +326,6 @@ def predict(model, tok, task, examples, args, system):
     prompts = [p for p, _ in tokenize(examples, tok, max_len, system, budget)[0]]
     return generate_texts(model, tok, prompts, max_new_tokens=budget, beam=args.beam,
                           batch_size=args.eval_batch_size)
-
-
-def find_tokenizer(weights):
-    w = Path(weights)
-    for c in (w / "tokenizer.model", w.parent / "tokenizer.model", *sorted(w.parent.glob("tok*.model"))):
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"no tokenizer.model in or beside {weights}: pass --tokenizer")
 
 
 def main(argv=None):

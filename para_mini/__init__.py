@@ -1,5 +1,5 @@
 """para-mini: LLaMA-2 with PARA / PARADE, in a few readable files."""
 from .model import AdapterConfig, ModelArgs, Transformer
 from .loading import load_model
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 from .adapters import add_adapter, load_adapter, merge_lora, remove_adapter, save_adapter, count_parameters

@@ -57,3 +57,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"{model_file} not found: expected a SentencePiece tokenizer.model file or a directory holding one"
         )
     return Tokenizer(model_file)
+
+
+def find_tokenizer(weights: str | Path) -> Path:
+    """The tokenizer that ships with a checkpoint: tokenizer.model inside or beside it (Hugging Face and Meta
+    layouts), else a llama2.c tok*.model beside a .bin / .pt (tok512.model for stories260K)."""
+    w = Path(weights)
+    for c in (w / "tokenizer.model", w.parent / "tokenizer.model", *sorted(w.parent.glob("tok*.model"))):
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"no tokenizer.model inside or beside {weights}: pass --tokenizer")

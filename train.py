@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from para_mini import AdapterConfig, add_adapter, find_tokenizer, load_adapter, load_model, load_tokenizer, save_adapter
+from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_adapter, load_model, load_tokenizer,
+                       save_adapter)
 from para_mini.adapters import adapter_state, remove_adapter
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
 from para_mini.generation import generate_texts
@@ -57,6 +58,8 @@ def parse_args(argv=None):
                    help="PARA pooler: capsule = PARADE, last = PARA / PARADE-1, routing = PARADE-2")
     g.add_argument("--K", type=int, default=4, help="PARA capsules (default 4)")
     g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA scaling alpha (update * alpha / r)")
+    g.add_argument("--proj", type=int, default=0,
+                   help="(IA)^3 / BitFit: make the vectors through a projection of this size (paper 4.1; 0: off)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--weight-decay", type=float, default=0.0)
@@ -216,7 +219,7 @@ def train(args, on_step=None):
           f"{cut + dev_cut} passages truncated to fit {args.max_len} tokens", flush=True)
     targets = tuple(args.targets.split(",")) if args.targets else ()
     cfg = AdapterConfig(args.method, targets, r=args.r or (12 if args.method == "para" else 4), pooler=args.pooler,
-                        K=args.K, alpha=args.lora_alpha)
+                        K=args.K, alpha=args.lora_alpha, proj=args.proj)
     add_adapter(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"{args.method}: {sum(p.numel() for p in params):,} tunable parameters ({asdict(cfg)})", flush=True)

@@ -64,11 +64,14 @@ class AdapterConfig:
     pooler: str = "capsule"  # PARA: capsule (PARADE) | last (PARA, PARADE-1) | routing (PARADE-2) | mean
     K: int = 4  # PARA: number of output capsules
     alpha: float = 8.0  # LoRA: the update is scaled by alpha / r
+    proj: int = 0  # (IA)^3, BitFit: > 0 makes the vectors from a learned proj-dim vector (paper, Section 4.1)
 
     def __post_init__(self):
         if self.method not in DEFAULT_TARGETS:
             raise ValueError(f"unknown adapter method {self.method!r}; choose one of {sorted(DEFAULT_TARGETS)}")
         self.targets = tuple(t for t in SITES if t in (self.targets or DEFAULT_TARGETS[self.method]))
+        if self.proj < 0 or (self.proj and self.method not in ("ia3", "bitfit")):
+            raise ValueError(f"proj={self.proj}: only (IA)^3 and BitFit take a projection, and it must be >= 0")
         unknown = set(self.targets) - set(SITES)
         if unknown or not self.targets:
             raise ValueError(f"adapter targets must be a non-empty subset of {SITES}, got {self.targets}")
@@ -330,6 +333,28 @@ def squash(s):
 
 # ------------------------------------------------------------------------- the baselines, side by side with PARA
 
+def init_vectors(module, n: int, args: ModelArgs, cfg: AdapterConfig, fill: float):
+    """(IA)^3's and BitFit's learned vectors, one per target, starting at `fill` (the identity). With cfg.proj > 0,
+    the paper's variant that gives them a budget like the other methods' (Section 4.1): each vector is made from a
+    learned proj-dim vector z through a learned projection, fill + z W_proj (z starts at 0, as LoRA's B does)."""
+    dims = site_dims(args)
+    module.fill, module.proj = fill, None
+    if not cfg.proj:
+        module.vectors = nn.ParameterDict({t: nn.Parameter(torch.full((n, dims[t][1]), fill)) for t in cfg.targets})
+        return
+    module.z = nn.ParameterDict({t: nn.Parameter(torch.zeros(n, cfg.proj)) for t in cfg.targets})
+    module.proj = nn.ParameterDict({t: nn.Parameter(torch.randn(n, cfg.proj, dims[t][1]) * 0.02)
+                                    for t in cfg.targets})
+
+
+def row_vectors(module, slots, dtype):
+    """site -> each row's vector [B|1, 1, d_out]."""
+    if module.proj is None:
+        return {site: per_row(v, slots)[:, None].to(dtype) for site, v in module.vectors.items()}
+    return {site: (module.fill + per_row(z, slots)[:, None] @ per_row(module.proj[site], slots)).to(dtype)
+            for site, z in module.z.items()}
+
+
 class IA3(nn.Module):
     """(IA)^3: one learned vector per target, the same for every prompt (PARA with W_up = 0, b_up = the vector).
 
@@ -338,12 +363,10 @@ class IA3(nn.Module):
 
     def __init__(self, n: int, args: ModelArgs, cfg: AdapterConfig):
         super().__init__()
-        dims = site_dims(args)
-        self.vectors = nn.ParameterDict({t: nn.Parameter(torch.ones(n, dims[t][1])) for t in cfg.targets})
+        init_vectors(self, n, args, cfg, fill=1.0)
 
     def adjust(self, adj, h, mask, slots):
-        for site, l in self.vectors.items():
-            l = per_row(l, slots)[:, None].to(h.dtype)
+        for site, l in row_vectors(self, slots, h.dtype).items():
             adj.add_scale(site, l.masked_fill(outside(slots, l), 1.0))
 
 
@@ -371,12 +394,10 @@ class BitFit(nn.Module):
 
     def __init__(self, n: int, args: ModelArgs, cfg: AdapterConfig):
         super().__init__()
-        dims = site_dims(args)
-        self.bias = nn.ParameterDict({t: nn.Parameter(torch.zeros(n, dims[t][1])) for t in cfg.targets})
+        init_vectors(self, n, args, cfg, fill=0.0)
 
     def adjust(self, adj, h, mask, slots):
-        for site, b in self.bias.items():
-            b = per_row(b, slots)[:, None].to(h.dtype)
+        for site, b in row_vectors(self, slots, h.dtype).items():
             adj.add_bias(site, b.masked_fill(outside(slots, b), 0.0))
 
 

@@ -24,17 +24,20 @@ def main():
     p.add_argument("--lora-targets", default="q,k,v,o,g,u,d", help="LoRA targets (default: all seven linears)")
     p.add_argument("--ia3-targets", default="k,v,u", help="(IA)^3 targets (default k,v,u as in the original)")
     p.add_argument("--bitfit-targets", default="q,k,v,o,g,u,d", help="BitFit targets (default: all seven)")
+    p.add_argument("--ia3-proj", type=int, default=0, help="(IA)^3 through a projection of this size (paper 4.1)")
+    p.add_argument("--bitfit-proj", type=int, default=0, help="BitFit through a projection of this size")
     a = p.parse_args()
     split = lambda s: tuple(s.split(","))
     rows = [("PARA / PARADE", AdapterConfig("para", split(a.para_targets), r=a.para_r, K=a.para_K)),
-            ("(IA)^3", AdapterConfig("ia3", split(a.ia3_targets))),
+            ("(IA)^3", AdapterConfig("ia3", split(a.ia3_targets), proj=a.ia3_proj)),
             ("LoRA", AdapterConfig("lora", split(a.lora_targets), r=a.lora_r)),
-            ("BitFit", AdapterConfig("bitfit", split(a.bitfit_targets)))]
+            ("BitFit", AdapterConfig("bitfit", split(a.bitfit_targets), proj=a.bitfit_proj))]
     args = PRESETS[a.base]
     print(f"| method ({a.base}) | settings | tunable parameters |\n|---|---|---|")
     for label, cfg in rows:
         settings = f"targets {','.join(cfg.targets)}" + (f", r={cfg.r}" if cfg.method in ("para", "lora") else "") \
-            + (f", K={cfg.K}, pooler {cfg.pooler}" if cfg.method == "para" else "")
+            + (f", K={cfg.K}, pooler {cfg.pooler}" if cfg.method == "para" else "") \
+            + (f", proj={cfg.proj}" if cfg.proj else "")
         print(f"| {label} | {settings} | {count_parameters(args, cfg):,} |")
 
 

@@ -13,7 +13,13 @@ from para_mini.adapters import adapter_state, read_adapter
 from para_mini.model import site_dims
 
 POOLERS = ["capsule", "last", "routing", "mean"]
-METHODS = ["para", "lora", "ia3", "bitfit"]
+METHODS = ["para", "lora", "ia3", "bitfit", "ia3-proj", "bitfit-proj"]
+
+
+def config(method):
+    """The method's default settings; "-proj": the paper's budget variant of (IA)^3 / BitFit (Section 4.1)."""
+    name, _, proj = method.partition("-")
+    return AdapterConfig(name, proj=5 if proj else 0)
 
 
 def tiny_model(seed=0, **kw):
@@ -84,6 +90,25 @@ def test_para_at_initialisation_is_the_base_model(pooler):
     base = model(tokens)
     add_adapter(model, AdapterConfig("para", pooler=pooler, targets=("q", "k", "v", "g", "u")))
     assert torch.equal(model(tokens, prompt_lens=[4, 11, 21]), base)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_adapter_at_initialisation_is_the_base_model(method):
+    model = tiny_model()
+    tokens = torch.randint(0, 96, (2, 15))
+    base = model(tokens)
+    add_adapter(model, config(method))
+    assert torch.equal(model(tokens, prompt_lens=[4, 9]), base)
+
+
+def test_the_projected_vectors_cost_proj_plus_proj_times_width_per_target_and_layer():
+    from para_mini import count_parameters
+    args = ModelArgs(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=80)
+    widths = {"k": 24, "v": 24, "u": 80}
+    assert count_parameters(args, AdapterConfig("ia3", proj=5)) == 2 * sum(5 + 5 * w for w in widths.values())
+    assert count_parameters(args, AdapterConfig("ia3")) == 2 * sum(widths.values())
+    with pytest.raises(ValueError, match="only \\(IA\\)\\^3 and BitFit take a projection"):
+        AdapterConfig("lora", proj=4)
 
 
 @pytest.mark.parametrize("pooler", POOLERS)
@@ -297,7 +322,7 @@ def test_para_with_zero_up_and_bias_c_equals_ia3_with_vector_c():
 @pytest.mark.parametrize("method", METHODS)
 def test_one_optimizer_step_changes_the_adapter_and_leaves_the_backbone_bit_identical(method):
     model = tiny_model()
-    add_adapter(model, AdapterConfig(method))
+    add_adapter(model, config(method))
     randomize(model, std=0.05)  # LoRA's B and PARA's W_up start at zero: give every tensor a gradient path
     model.train()
     backbone = {n: p.clone() for n, p in model.named_parameters() if ".adapters." not in n}
@@ -319,7 +344,7 @@ def test_one_optimizer_step_changes_the_adapter_and_leaves_the_backbone_bit_iden
 @pytest.mark.parametrize("method", METHODS)
 def test_save_then_load_is_bit_exact(method, tmp_path):
     model = tiny_model()
-    cfg = AdapterConfig(method, pooler="routing") if method == "para" else AdapterConfig(method)
+    cfg = AdapterConfig(method, pooler="routing") if method == "para" else config(method)
     add_adapter(model, cfg, "mine")
     randomize(model, "mine")
     save_adapter(model, tmp_path / "a.safetensors")

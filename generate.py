@@ -124,6 +124,8 @@ def read_requests(path, defaults):
 
 
 def decode(model, tok, requests, s, batch_size, stream=None):
+    if s["beam"] < 1:
+        raise ValueError(f"beam {s['beam']} must be at least 1 (1: greedy or sampling)")
     if s["beam"] > 1 or s["num_return"] > 1:
         if s["temperature"] > 0:
             raise ValueError("beam search does not sample: a temperature goes with beam 1")

@@ -160,8 +160,15 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def checkpoint_state(model, opt, step, best, bad):
+# The settings a resumed run must share with the interrupted one, or it would not continue the same run.
+SAME_RUN = ("data", "dev", "task", "max_train", "max_eval", "max_len", "weights", "method", "targets", "r", "pooler",
+            "K", "lora_alpha", "proj", "lr", "weight_decay", "warmup", "epochs", "max_steps", "batch_size",
+            "grad_accum", "clip", "eval_every", "patience", "seed")
+
+
+def checkpoint_state(model, opt, step, best, bad, args):
     return {"step": step, "best": best, "bad": bad, "optimizer": opt.state_dict(),
+            "settings": {k: getattr(args, k) for k in SAME_RUN},
             "adapter": {k: v.detach().clone() for k, v in adapter_state(model, "default").items()}}
 
 
@@ -209,6 +216,9 @@ def train(args, on_step=None):
     # model, tokenizer, adapter
     model = load_model(args.weights, dtype=dtype, device=device, max_seq_len=None)
     tok = load_tokenizer(args.tokenizer or find_tokenizer(args.weights))
+    if tok.vocab_size != model.args.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model {model.args.vocab_size}: "
+                         "pass the --tokenizer the weights were trained with")
     if args.max_len > model.args.max_seq_len:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     model.checkpointing = args.grad_checkpointing
@@ -218,8 +228,8 @@ def train(args, on_step=None):
     print(f"task {task}: {len(train_pairs)} train / {len(dev_pairs)} dev / {len(test_ex or [])} test examples; "
           f"{cut + dev_cut} passages truncated to fit {args.max_len} tokens", flush=True)
     targets = tuple(args.targets.split(",")) if args.targets else ()
-    cfg = AdapterConfig(args.method, targets, r=args.r or (12 if args.method == "para" else 4), pooler=args.pooler,
-                        K=args.K, alpha=args.lora_alpha, proj=args.proj)
+    cfg = AdapterConfig(args.method, targets, r=args.r or 0, pooler=args.pooler, K=args.K, alpha=args.lora_alpha,
+                        proj=args.proj)
     add_adapter(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"{args.method}: {sum(p.numel() for p in params):,} tunable parameters ({asdict(cfg)})", flush=True)
@@ -235,6 +245,10 @@ def train(args, on_step=None):
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        changed = {k: (v, getattr(args, k)) for k, v in ck["settings"].items() if getattr(args, k) != v}
+        if changed:
+            raise ValueError(f"--resume: {ckpt_path} was written with other settings (was, now): {changed}; "
+                             "resume with the interrupted run's flags, or start anew with another --out")
         with torch.no_grad():
             for k, p in adapter_state(model, "default").items():
                 p.copy_(ck["adapter"][k])
@@ -286,13 +300,13 @@ def train(args, on_step=None):
                     save_adapter(model, adapter_path)
                 progress.message(f"step {step}: dev loss {loss:.4f}" + ("  (best: adapter saved)" if better else
                                  f"  (no better for {bad} / {args.patience})"))
-                atomic_save(checkpoint_state(model, opt, step, best, bad), ckpt_path)
+                atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
             if on_step is not None:
                 on_step(step)
     finally:
         signal.signal(signal.SIGINT, previous)
     if stop:
-        atomic_save(checkpoint_state(model, opt, step, best, bad), ckpt_path)
+        atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
         progress.message(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
         raise KeyboardInterrupt
     if bad >= args.patience:

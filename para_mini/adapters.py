@@ -4,6 +4,7 @@
 # share one "bank" (the same modules, one slot per tenant), so a batch can mix tenants by gathering rows.
 # A file holds one tenant: the bank's tensors at its slot, under layers.{i}.<prefix>.<parameter>.
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model import METHODS, AdapterConfig, ModelArgs, Transformer
+from .model import LINEARS, METHODS, AdapterConfig, ModelArgs, Transformer
 
 PREFIX = {"para": "vg", "ia3": "ia3", "lora": "lora", "bitfit": "bitfit"}  # file key: layers.{i}.vg.down.weight
 
@@ -26,10 +27,12 @@ def add_adapter(model: Transformer, config: AdapterConfig, name: str = "default"
     """Attach a freshly initialised adapter as tenant `name`; only adapter parameters require gradients."""
     if name in model.tenants:
         raise ValueError(f"an adapter named {name!r} is already attached")
+    config = dataclasses.replace(config)  # the bank keeps its own copy: changing the caller's must not change it
     device = model.output.weight.device
-    bank = next((b for b, m in model.layers[0].adapters.items() if m.config == config), None)
+    banks = model.layers[0].adapters
+    bank = next((b for b, m in banks.items() if m.config == config), None)
     if bank is None:
-        bank = f"{config.method}{len(model.layers[0].adapters)}"
+        bank = next(f"{config.method}{i}" for i in itertools.count() if f"{config.method}{i}" not in banks)
         for layer in model.layers:
             layer.adapters[bank] = METHODS[config.method](1, model.args, config).to(device)
             layer.adapters[bank].config = config
@@ -88,6 +91,9 @@ def read_adapter(path):
         raise ValueError(f"{path} is not a para-mini adapter (metadata format={meta.get('format')!r}); "
                          "adapters are written by para_mini.save_adapter / train.py")
     cfg = json.loads(meta["config"])
+    unknown = set(cfg) - {f.name for f in dataclasses.fields(AdapterConfig)}
+    if unknown:
+        raise ValueError(f"{path} has settings this version of para-mini does not know: {sorted(unknown)}")
     cfg["targets"] = tuple(cfg["targets"])
     return AdapterConfig(**cfg), json.loads(meta["base"]), tensors
 
@@ -131,19 +137,17 @@ def merge_lora(model: Transformer, name: str = None):
     cfg = adapter_config(model, name)
     if cfg.method != "lora":
         raise ValueError(f"only LoRA adapters can be merged; {name!r} is {cfg.method}")
+    if len(model.tenants) > 1:
+        raise ValueError(f"merging {name!r} changes the backbone every attached adapter shares "
+                         f"({', '.join(model.tenants)}): merge only when it is the one adapter attached")
     bank, slot = model.tenants[name]
     with torch.no_grad():
         for layer in model.layers:
             lora = layer.adapters[bank]
             for site in lora.A:
-                W = _linear(layer, site).weight
+                W = layer.get_submodule(LINEARS[site]).weight
                 W += (lora.scaling * lora.B[site][slot] @ lora.A[site][slot]).to(W.dtype)
     remove_adapter(model, name)
-
-
-def _linear(layer, site):
-    a, f = layer.attention, layer.feed_forward
-    return {"q": a.wq, "k": a.wk, "v": a.wv, "o": a.wo, "g": f.w1, "u": f.w3, "d": f.w2}[site]
 
 
 def _only_tenant(model):

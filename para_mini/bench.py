@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from .adapters import adapter_state, add_adapter, remove_adapter
 from .generation import Request, beam_search, generate
-from .model import AdapterConfig, ModelArgs, Transformer
+from .loading import HF_NAMES
+from .model import LINEARS, AdapterConfig, ModelArgs, Transformer
 
 SHAPES = {
     "tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=344,
@@ -29,10 +30,6 @@ METHODS = {  # the settings of the paper's Table 4
     "ia3": AdapterConfig("ia3", ("k", "v", "u")),  # u: the same as PEFT's scaling of down_proj's input
     "lora": AdapterConfig("lora", r=4, alpha=8),  # all seven linears, unmerged
 }
-HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
-            "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-            "ffn_norm": "post_attention_layernorm"}
 DEFINITIONS = {
     "tokens_per_s": "new tokens generated per second per whole batch: batch size x new tokens / median wall time of "
                     "the whole generate call, prefill included; beam search counts the returned sequence's tokens, "
@@ -236,9 +233,8 @@ def ratios(rows):
 
 def gemv_floor(model, device, warmup, repeats, replays=20):
     """Tokens/s of replaying, from one CUDA graph, the weight GEMVs of one token: no attention, no overhead."""
-    weights = [lin.weight for layer in model.layers for lin in
-               (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
-                layer.feed_forward.w1, layer.feed_forward.w3, layer.feed_forward.w2)] + [model.output.weight]
+    weights = [layer.get_submodule(path).weight for layer in model.layers for path in LINEARS.values()]
+    weights.append(model.output.weight)
     xs = {W.shape[1]: torch.randn(1, W.shape[1], dtype=W.dtype, device=device) for W in weights}
 
     def all_gemvs():

@@ -352,18 +352,19 @@ def one_per_query(examples: list[Example]) -> list[Example]:
 
 
 def split(examples: list[Example], dev_fraction: float, test_fraction: float, seed: int = 0):
-    """A seeded train/dev/test split of one file. Examples sharing a query (E2E's refs of one MR) stay together."""
+    """A seeded train/dev/test split of one file. Examples sharing a passage (ReCoRD's cloze queries, SQuAD's and
+    BoolQ's questions on one text) or a query (E2E's refs of one MR) stay together, so no answer leaks across parts."""
     if dev_fraction < 0 or test_fraction < 0 or dev_fraction + test_fraction >= 1:
         raise ValueError(f"dev_fraction {dev_fraction} and test_fraction {test_fraction} must be >= 0 and sum below 1")
     groups = defaultdict(list)
     for ex in examples:
-        groups[ex.query].append(ex)
+        groups[ex.fields[ex.trim] if ex.trim else ex.query].append(ex)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
     n_dev = max(1, round(dev_fraction * len(keys))) if dev_fraction else 0
     n_test = max(1, round(test_fraction * len(keys))) if test_fraction else 0
     if n_dev + n_test >= len(keys):
-        raise ValueError(f"{len(keys)} distinct prompts are too few for a train/dev/test split")
+        raise ValueError(f"{len(keys)} distinct prompts (or passages) are too few for a train/dev/test split")
     parts = keys[n_dev + n_test :], keys[:n_dev], keys[n_dev : n_dev + n_test]
     return tuple([ex for key in part for ex in groups[key]] for part in parts)
 

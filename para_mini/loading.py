@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .model import ModelArgs, Transformer
+from .model import ModelArgs, Transformer, rope_frequencies
 
 
 @dataclass
@@ -312,7 +312,7 @@ def check_rope_freqs(freqs, args: ModelArgs, where):
     # Meta's checkpoints carry their inverse RoPE frequencies; if they disagree with rope_theta, params.json is wrong
     if freqs is None:
         return
-    ours = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+    ours = rope_frequencies(args.head_dim, args.rope_theta)
     if freqs.shape != ours.shape or not torch.allclose(freqs.float(), ours, rtol=1e-2):
         raise ValueError(f"{where}: rope.freqs does not match rope_theta {args.rope_theta} and head_dim "
                          f"{args.head_dim} from params.json")
@@ -409,7 +409,7 @@ def read_llama2c_bin(path: Path):
 
 def check_rope_tables(real, imag, args: ModelArgs, where):
     # the .bin ends with the RoPE tables at theta 10000; finding them where the layout says is a check of the reading
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+    inv_freq = rope_frequencies(args.head_dim, 10000.0)
     angles = torch.outer(torch.arange(real.shape[0]).float(), inv_freq)
     if not (torch.allclose(real, angles.cos(), atol=1e-3) and torch.allclose(imag, angles.sin(), atol=1e-3)):
         raise ValueError(f"{where}: the RoPE tables are not where the header's shapes put them, or not at theta "

@@ -125,13 +125,14 @@ def _run(db, sql):
 def execution_match(prediction: str, gold: str, table: dict) -> bool:
     db = _database(table)
     try:
-        expected = _run(db, gold)
-    except sqlite3.Error as e:
-        raise ValueError(f"gold SQL {gold!r} does not run: {e}") from None
-    try:
-        return _run(db, prediction) == expected
-    except sqlite3.Error:
-        return False
+        try:
+            expected = _run(db, gold)
+        except sqlite3.Error as e:
+            raise ValueError(f"gold SQL {gold!r} does not run: {e}") from None
+        try:
+            return _run(db, prediction) == expected
+        except sqlite3.Error:
+            return False
     finally:
         db.close()
 

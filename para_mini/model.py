@@ -53,6 +53,8 @@ class ModelArgs:
 # The seven projections an adapter can touch. q, k, v, g, u are the paper's Query, Key, Value, Gate and Up;
 # o and d are the attention output and FFN Down projections (LoRA and BitFit may use them).
 SITES = ("q", "k", "v", "o", "g", "u", "d")
+LINEARS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
+           "g": "feed_forward.w1", "u": "feed_forward.w3", "d": "feed_forward.w2"}  # each site's module in a Block
 DEFAULT_TARGETS = {"para": ("q", "v", "u"), "ia3": ("k", "v", "u"), "lora": SITES, "bitfit": SITES}
 
 
@@ -60,7 +62,7 @@ DEFAULT_TARGETS = {"para": ("q", "v", "u"), "ia3": ("k", "v", "u"), "lora": SITE
 class AdapterConfig:
     method: str = "para"  # para | lora | ia3 | bitfit
     targets: tuple = ()  # empty: the method's default (DEFAULT_TARGETS)
-    r: int = 12  # PARA: the vector generator's bottleneck; LoRA: the rank
+    r: int = 0  # PARA: the vector generator's bottleneck (default 12); LoRA: the rank (default 4)
     pooler: str = "capsule"  # PARA: capsule (PARADE) | last (PARA, PARADE-1) | routing (PARADE-2) | mean
     K: int = 4  # PARA: number of output capsules
     alpha: float = 8.0  # LoRA: the update is scaled by alpha / r
@@ -70,6 +72,7 @@ class AdapterConfig:
         if self.method not in DEFAULT_TARGETS:
             raise ValueError(f"unknown adapter method {self.method!r}; choose one of {sorted(DEFAULT_TARGETS)}")
         self.targets = tuple(t for t in SITES if t in (self.targets or DEFAULT_TARGETS[self.method]))
+        self.r = self.r or {"para": 12, "lora": 4}.get(self.method, 0)
         if self.proj < 0 or (self.proj and self.method not in ("ia3", "bitfit")):
             raise ValueError(f"proj={self.proj}: only (IA)^3 and BitFit take a projection, and it must be >= 0")
         unknown = set(self.targets) - set(SITES)
@@ -105,10 +108,13 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def rope_frequencies(head_dim: int, theta: float, device=None):
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))  # [head_dim / 2]
+
+
 def rope(positions, head_dim: int, theta: float):
     """cos and sin for rotate-half RoPE at integer positions [B, T] -> [B, T, head_dim] each, in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions[..., None].float() * inv_freq  # [B, T, head_dim / 2]
+    angles = positions[..., None].float() * rope_frequencies(head_dim, theta, positions.device)  # [B, T, hd / 2]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -242,16 +248,16 @@ class FeedForward(nn.Module):
 # ------------------------------------------------------------------------------------------------ PARA / PARADE
 
 def per_row(p, slots):
-    """A tenant-stacked parameter [n, ...] -> each row's own [B, ...] (rows outside the bank get tenant 0 and
-    are masked by the caller); slots None means one tenant for every row, kept as [1, ...] to broadcast."""
+    """A tenant-stacked parameter [n, ...] -> each row's own [B, ...] (rows outside the bank get tenant 0, then
+    only_tenants restores the identity there); slots None means one tenant for every row, kept as [1, ...]."""
     return p[:1] if slots is None else p[slots.clamp(min=0)]
 
 
-def outside(slots, like):
-    """[B, 1, 1] True for rows that use no tenant of this bank (slot -1), to restore the identity there."""
+def only_tenants(t, slots, identity: float):
+    """t [B|1, ...] with `identity` at the rows that use no tenant of this bank (slot -1)."""
     if slots is None:
-        return torch.zeros(1, 1, 1, dtype=torch.bool, device=like.device)
-    return (slots < 0)[:, None, None]
+        return t  # every row is the bank's one tenant
+    return t.masked_fill((slots < 0).view(-1, *[1] * (t.dim() - 1)), identity)
 
 
 class VectorGenerator(nn.Module):
@@ -284,7 +290,7 @@ class VectorGenerator(nn.Module):
 
     def adjust(self, adj: Adjustment, h, mask, slots):
         for site, l in self(h, mask, slots).items():
-            adj.add_scale(site, l.to(h.dtype).masked_fill(outside(slots, l), 1.0))
+            adj.add_scale(site, only_tenants(l.to(h.dtype), slots, 1.0))
 
 
 def pool_last(h, mask):
@@ -328,7 +334,7 @@ class CapsulePooler(nn.Module):
 def squash(s):
     # Eq. (8): c = |s|^2 / (1 + |s|^2) * s / |s|, written so that s = 0 gives 0 rather than 0 / 0
     norm2 = s.pow(2).sum(-1, keepdim=True)
-    return s * norm2.sqrt() / (1 + norm2)
+    return s * norm2.clamp_min(1e-12).sqrt() / (1 + norm2)  # the clamp keeps the gradient of sqrt finite at 0
 
 
 # ------------------------------------------------------------------------- the baselines, side by side with PARA
@@ -367,7 +373,7 @@ class IA3(nn.Module):
 
     def adjust(self, adj, h, mask, slots):
         for site, l in row_vectors(self, slots, h.dtype).items():
-            adj.add_scale(site, l.masked_fill(outside(slots, l), 1.0))
+            adj.add_scale(site, only_tenants(l, slots, 1.0))
 
 
 class LoRA(nn.Module):
@@ -386,7 +392,7 @@ class LoRA(nn.Module):
     def adjust(self, adj, h, mask, slots):
         for site in self.A:
             A, B = per_row(self.A[site], slots).to(h.dtype), per_row(self.B[site], slots).to(h.dtype)
-            adj.add_lora(site, A, (B * self.scaling).masked_fill(outside(slots, B), 0.0))
+            adj.add_lora(site, A, only_tenants(B * self.scaling, slots, 0.0))
 
 
 class BitFit(nn.Module):
@@ -398,7 +404,7 @@ class BitFit(nn.Module):
 
     def adjust(self, adj, h, mask, slots):
         for site, b in row_vectors(self, slots, h.dtype).items():
-            adj.add_bias(site, b.masked_fill(outside(slots, b), 0.0))
+            adj.add_bias(site, only_tenants(b, slots, 0.0))
 
 
 METHODS = {"para": VectorGenerator, "ia3": IA3, "lora": LoRA, "bitfit": BitFit}
@@ -456,7 +462,7 @@ class Transformer(nn.Module):
     def forward(self, tokens, prompt_lens=None, pad=None, cache: Optional[Cache] = None, adapters=None):
         """tokens [B, T] -> logits [B, T, vocab].
 
-        prompt_lens: [B] prompt tokens per row (PARA pools only these); None: every non-padding token.
+        prompt_lens: [B] prompt tokens per row, after any left padding (PARA pools only these; needed with PARA).
         pad: [B] left-padding per row (batched prompts of different lengths); None: no left padding.
         cache: from new_cache(); the first call is the prefill, each later call appends tokens.
         adapters: the adapter name of each row (None: the base model); None: the one attached adapter, if any.
@@ -479,7 +485,11 @@ class Transformer(nn.Module):
             mask = (mask | (keys[None, None] == idx[None, :, None]))[:, None]  # padding sees itself: no 0/0
         prompt = Prompt(None)
         if start == 0:
-            prompt = Prompt(self.prompt_mask(B, T, prompt_lens, pad, device), self.resolve_slots(adapters, B))
+            slots = self.resolve_slots(adapters, B)
+            if prompt_lens is None and any(self.layers[0].adapters[b].config.method == "para" for b in slots):
+                raise ValueError("PARA pools the prompt: pass prompt_lens, each row's prompt length, so that the "
+                                 "response and padding never enter the vector generator")
+            prompt = Prompt(self.prompt_mask(B, T, prompt_lens, pad, device), slots)
 
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
@@ -495,10 +505,10 @@ class Transformer(nn.Module):
 
     @staticmethod
     def prompt_mask(B, T, prompt_lens, pad, device):
+        if prompt_lens is None:
+            return None
         t = torch.arange(T, device=device)[None]
         first = torch.zeros(B, 1, dtype=torch.long, device=device) if pad is None else pad[:, None].to(device)
-        if prompt_lens is None:
-            return (t >= first).expand(B, T)
         prompt_lens = torch.as_tensor(prompt_lens, device=device)
         if (prompt_lens < 1).any() or (first[:, 0] + prompt_lens > T).any():
             raise ValueError(f"prompt_lens {prompt_lens.tolist()} must be >= 1 and fit in {T} tokens after padding")

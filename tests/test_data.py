@@ -334,6 +334,18 @@ def test_the_split_keeps_every_row_of_a_prompt_in_one_part(tmp_path):
     assert not {ex.query for ex in parts[0]} & {ex.query for ex in parts[2]}
 
 
+def test_the_split_keeps_every_question_on_one_passage_in_one_part(tmp_path):
+    # BoolQ-like: 20 passages with 3 questions each; a passage in train and in test would leak its answers
+    rows = [{"question": f"question {q} on passage {p}?", "passage": f"Passage number {p}.", "label": q % 2 == 0}
+            for p in range(20) for q in range(3)]
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parts = split(load_task(path)[1], 0.2, 0.2, seed=0)
+    passages = [{ex.fields[ex.trim] for ex in part} for part in parts]
+    assert sum(map(len, parts)) == 60 and sum(map(len, passages)) == 20
+    assert not (passages[0] & passages[1] or passages[0] & passages[2] or passages[1] & passages[2])
+
+
 def test_a_split_that_cannot_be_made_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="must be >= 0 and sum below 1"):
         split(examples_of(tmp_path, 10), 0.5, 0.5, seed=0)

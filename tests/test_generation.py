@@ -285,6 +285,7 @@ def test_the_bench_runs_on_cpu_and_prints_json_with_the_documented_keys(tmp_path
     ours = {(r["method"], r["batch"], r["beam"]) for r in report["results"] if r["impl"] == "para-mini"}
     assert ours == {(m, b, k) for m in ("base", "para", "ia3", "lora") for b, k in [(1, 1), (1, 3), (4, 1)]}
     for r in report["results"]:
-        assert r["tokens_per_s"] > 0 and 0 < r["ttft_s"] <= r["total_s"]
+        # ttft and total are medians of separate runs: under load either may come out larger, so no order is asserted
+        assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["total_s"] > 0
         assert set(r) >= {"impl", "method", "batch", "beam", "tokens_per_s", "ttft_s", "peak_mem_mib"}
     assert report["floor_tokens_per_s"] is None and report["cpu_rss_peak_mib"] > 0  # CUDA only; CPU: the RSS

@@ -438,3 +438,50 @@ def test_adapter_settings_are_checked():
         model(torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(KeyError, match="unknown adapter"):
         model(torch.zeros(1, 3, dtype=torch.long), adapters=["c"])
+
+
+def test_removing_an_adapter_then_adding_another_keeps_every_tenant_its_own_bank():
+    from para_mini import remove_adapter
+    model = tiny_model()
+    add_adapter(model, AdapterConfig("ia3"), "A")
+    add_adapter(model, AdapterConfig("ia3", targets=("k",)), "B")
+    randomize(model, "B", seed=2)
+    tokens = torch.randint(0, 96, (1, 10))
+    b_alone = model(tokens, adapters=["B"])
+    remove_adapter(model, "A")
+    add_adapter(model, AdapterConfig("ia3", targets=("v",)), "C")
+    assert model.tenants["B"][0] != model.tenants["C"][0]
+    assert torch.equal(model(tokens, adapters=["B"]), b_alone)
+    assert [m.config.targets for m in model.layers[0].adapters.values()] == [("k",), ("v",)]
+
+
+def test_changing_a_config_after_attaching_leaves_the_bank_alone():
+    model = tiny_model()
+    cfg = AdapterConfig("lora")
+    add_adapter(model, cfg)
+    cfg.r = 99
+    assert model.layers[0].adapters["lora0"].config.r == 4 == AdapterConfig("lora").r
+
+
+def test_merging_lora_is_refused_while_other_adapters_share_the_backbone():
+    model = tiny_model()
+    add_adapter(model, AdapterConfig("lora"), "x")
+    add_adapter(model, AdapterConfig("ia3"), "y")
+    with pytest.raises(ValueError, match="every attached adapter shares"):
+        merge_lora(model, "x")
+
+
+def test_para_needs_the_prompt_lengths():
+    model = tiny_model()
+    add_adapter(model, AdapterConfig("para"))
+    with pytest.raises(ValueError, match="pass prompt_lens"):
+        model(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_the_squash_has_a_finite_gradient_at_zero():
+    from para_mini.model import squash
+    s = torch.zeros(2, 3, requires_grad=True)
+    squash(s).sum().backward()
+    assert torch.isfinite(s.grad).all()
+    x = torch.tensor([3.0, 4.0])  # |s| = 5: 25 / 26 of the unit vector
+    torch.testing.assert_close(squash(x), 25 / 26 * x / 5)

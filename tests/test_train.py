@@ -104,7 +104,7 @@ def test_the_loss_mask_covers_exactly_the_response_tokens_and_eos():
         assert tokens[b, :len(p) + len(r)].tolist() == p + r
 
 
-def test_the_learning_rate_warms_up_for_6_percent_then_decays_linearly_to_zero():
+def test_the_learning_rate_warms_up_for_6_percent_then_decays_linearly():
     args = train.parse_args(["--data", "x", "--weights", "y", "--lr", "1e-4"])
     lrs = [train.lr_at(s, 100, args) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4 / 6) and lrs[5] == pytest.approx(1e-4)

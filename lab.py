@@ -1,0 +1,526 @@
+"""The teaching lab: the paper's comparisons in miniature, in minutes on a CPU, and a look inside PARA.
+
+    python lab.py compare --data sst2   # Table 1: PARA vs (IA)^3, LoRA, BitFit at one parameter budget
+    python lab.py ablations             # Table 6: PARADE against PARADE-1 .. PARADE-4
+    python lab.py sweep                 # Figure 2: the bottleneck r
+    python lab.py vectors               # do the generated vectors depend on the prompt?
+    python lab.py attention             # Figures 3-6: attention maps under PARADE and (IA)^3
+
+Everything trains on the shared 260K-parameter TinyStories model (the LLaMA-2 architecture at toy scale) through
+train.py, with settings small enough that each table takes under 20 minutes on a 2-core CPU. Each command writes
+lab/results/<name>.json and .md and prints the table; the runs themselves go to lab/runs/. LAB.md has the exercises
+and the numbers we measured.
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import struct
+import sys
+import time
+import zlib
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import train
+from para_mini import AdapterConfig, count_parameters, load_adapter, load_model, load_tokenizer
+from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query
+from para_mini.metrics import score
+from para_mini.model import VectorGenerator, apply_rope
+from para_mini.tokenizer import B_INST, B_SYS, E_SYS
+
+ROOT = Path(__file__).resolve().parent
+RESULTS, RUNS = ROOT / "lab" / "results", ROOT / "lab" / "runs"
+
+# Each task's files and training settings. GLUE's SST-2 test split has no labels, so its labelled dev.tsv is the test
+# set and train.py takes a seeded 10% of train.tsv as the dev set. BoolQ passages are cut to fit 256 tokens.
+# The settings were chosen so that one run takes about a minute on a 2-core CPU (LAB.md has the measurements);
+# a model this small wants a learning rate far above the paper's 7B one.
+TASKS = {
+    "sst2": {"train": "sst2/train.tsv", "dev": None, "test": "sst2/dev.tsv",
+             "flags": ["--max-train", "4800", "--max-eval", "200", "--max-len", "256", "--batch-size", "16",
+                       "--max-steps", "300", "--eval-every", "100", "--lr", "3e-2"]},
+    "boolq": {"train": "boolq/train.jsonl", "dev": "boolq/dev.jsonl", "test": "boolq/test.jsonl",
+              "flags": ["--max-train", "2270", "--max-eval", "200", "--max-len", "256", "--batch-size", "16",
+                        "--max-steps", "150", "--eval-every", "50", "--lr", "3e-2"]},
+}
+SEEDS = (0, 1, 2)
+# The size knob each method's budget is matched with: PARA's bottleneck, LoRA's rank, and for (IA)^3 and BitFit the
+# projection of the paper's Section 4.1 (their original form has a fixed size: one vector per target).
+KNOB = {"para": "r", "lora": "r", "ia3": "proj", "bitfit": "proj"}
+
+
+# ------------------------------------------------------------------------------------------- matched budgets
+
+def knob_step(cfg: AdapterConfig) -> int:
+    # the capsule poolers split r into K capsules, so r moves in steps of K
+    return cfg.K if cfg.method == "para" and cfg.pooler in ("capsule", "routing") else 1
+
+
+def match_budget(args, target: int, method: str, **settings) -> AdapterConfig:
+    """The adapter of `method` (other settings fixed) whose tunable parameter count is closest to `target`.
+
+    Counts grow with the knob, so we walk it up until the count passes the target; a tie goes to the smaller one.
+    """
+    cfg = AdapterConfig(method, **settings)
+    step, knob = knob_step(cfg), KNOB[method]
+    best, value = None, step
+    while True:
+        candidate = replace(cfg, **{knob: value})
+        n = count_parameters(args, candidate)
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (candidate, n)
+        if n >= target:
+            return best[0]
+        value += step
+
+
+def describe(cfg: AdapterConfig) -> str:
+    s = f"targets {','.join(cfg.targets)}"
+    if cfg.method == "para":
+        s += f", r={cfg.r}, pooler {cfg.pooler}" + (f", K={cfg.K}" if cfg.pooler in ("capsule", "routing") else "")
+    if cfg.method == "lora":
+        s += f", r={cfg.r}"
+    if cfg.proj:
+        s += f", proj={cfg.proj}"
+    return s
+
+
+def method_flags(cfg: AdapterConfig) -> list:
+    f = ["--method", cfg.method, "--targets", ",".join(cfg.targets)]
+    if cfg.method in ("para", "lora"):
+        f += ["--r", str(cfg.r)]
+    if cfg.method == "para":
+        f += ["--pooler", cfg.pooler, "--K", str(cfg.K)]
+    if cfg.proj:
+        f += ["--proj", str(cfg.proj)]
+    return f
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+
+def data_flags(task: str, shared: Path) -> list:
+    t = TASKS[task]
+    f = ["--data", str(shared / "data" / t["train"]), "--test", str(shared / "data" / t["test"])]
+    return f + (["--dev", str(shared / "data" / t["dev"])] if t["dev"] else [])
+
+
+def train_one(opts, table: str, name: str, cfg: AdapterConfig, seed: int) -> dict:
+    """One train.py run, its output kept in lab/runs/<table>/<name>-seed<seed>/train.log; one line printed."""
+    out = RUNS / table / f"{name}-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    weights = opts.shared / "assets" / "stories260K" / "hf"
+    argv = data_flags(opts.data, opts.shared) + TASKS[opts.data]["flags"] + method_flags(cfg) + [
+        "--weights", str(weights), "--device", "cpu", "--beam", "1", "--log-every", "1000000",
+        "--seed", str(seed), "--out", str(out)] + opts.train_flags
+    t0 = time.time()
+    with open(out / "train.log", "w") as log, contextlib.redirect_stdout(log):
+        summary = train.train(train.parse_args(argv))
+    seconds = time.time() - t0
+    metric = summary["metric_name"]
+    print(f"  {table}: {name:<16} seed {seed}  test {metric} {summary['test'][metric]:5.1f}  "
+          f"(dev loss {summary['best_dev_loss']:.4f}, {seconds:.0f} s)", flush=True)
+    return {"seed": seed, "test": summary["test"][metric], "dev": summary["dev"][metric],
+            "best_dev_loss": summary["best_dev_loss"], "steps": summary["steps"], "seconds": round(seconds, 1),
+            "adapter": summary["adapter"]}
+
+
+def run_rows(opts, table: str, rows: list) -> list:
+    """rows: (label, run name, AdapterConfig) -> each with its parameter count and the median over the seeds."""
+    args = model_args(opts)
+    out = []
+    for label, name, cfg in rows:
+        runs = [train_one(opts, table, name, cfg, seed) for seed in opts.seeds]
+        out.append({"method": label, "name": name, "settings": describe(cfg), "config": cfg.__dict__,
+                    "parameters": count_parameters(args, cfg), "median": statistics.median(r["test"] for r in runs),
+                    "runs": runs})
+    return out
+
+
+def model_args(opts):
+    return load_model(opts.shared / "assets" / "stories260K" / "hf").args
+
+
+def majority_baseline(opts) -> dict:
+    """Always answer the label most frequent in the training file; scored on the test examples the runs use."""
+    t = TASKS[opts.data]
+    task, train_ex = load_task(opts.shared / "data" / t["train"])
+    label = Counter(ex.response for ex in train_ex).most_common(1)[0][0]
+    max_eval = int(t["flags"][t["flags"].index("--max-eval") + 1])
+    test = one_per_query(load_task(opts.shared / "data" / t["test"], task)[1])[:max_eval]
+    return {"label": label, "test": score(task, [label] * len(test), test)["acc"], "examples": len(test)}
+
+
+# ----------------------------------------------------------------------------------------------- the tables
+
+def settings_line(opts) -> str:
+    f = TASKS[opts.data]["flags"] + opts.train_flags
+    get = lambda k: f[len(f) - 1 - f[::-1].index(k) + 1]  # the last occurrence wins, as in argparse
+    return (f"{opts.data}: {get('--max-train')} training examples, {get('--max-steps')} steps of "
+            f"{get('--batch-size')}, lr {get('--lr')}, max-len {get('--max-len')}, test = {get('--max-eval')} "
+            f"examples, greedy decoding (the paper: beam 3), median over seeds {', '.join(map(str, opts.seeds))}")
+
+
+def result_table(rows, baseline=None) -> str:
+    lines = ["| method | settings | tunable parameters | test acc, median | per seed |", "|---|---|---|---|---|"]
+    if baseline:
+        lines.append(f"| majority class of train | always \"{baseline['label']}\" | 0 | {baseline['test']:.1f} | |")
+    for r in rows:
+        seeds = " / ".join(f"{x['test']:.1f}" for x in r["runs"])
+        lines.append(f"| {r['method']} | {r['settings']} | {r['parameters']:,} | {r['median']:.1f} | {seeds} |")
+    return "\n".join(lines)
+
+
+def write_result(name: str, title: str, command: str, wall: float, body: str, data: dict, note: str = ""):
+    machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, " \
+              f"{torch.get_num_threads()} threads"
+    md = f"### {title}\n\n`{command}` ({machine}; wall time {wall / 60:.1f} min)\n\n"
+    md += (note + "\n\n" if note else "") + body + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(md)
+    record = {"name": name, "title": title, "command": command, "machine": machine, "wall_seconds": round(wall, 1)}
+    (RESULTS / f"{name}.json").write_text(json.dumps(record | data, indent=2, default=str) + "\n")
+    print("\n" + md)
+    print(f"written: {RESULTS / name}.md, .json")
+
+
+def cmd_compare(opts):
+    t0 = time.time()
+    args = model_args(opts)
+    target = opts.target or count_parameters(args, AdapterConfig("para", r=12))
+    rows = [("PARADE (capsule pooler)", "para-capsule", match_budget(args, target, "para")),
+            ("PARA (last-token pooler)", "para-last", match_budget(args, target, "para", pooler="last")),
+            ("(IA)^3, projected", "ia3", match_budget(args, target, "ia3")),
+            ("LoRA", "lora", match_budget(args, target, "lora")),
+            ("BitFit, projected", "bitfit", match_budget(args, target, "bitfit"))]
+    baseline = majority_baseline(opts)
+    results = run_rows(opts, f"compare-{opts.data}", rows)
+    note = f"Budget: {target:,} tunable parameters (PARA r=12's count on this model), each method's knob matched " \
+           f"to it.\n{settings_line(opts)}."
+    write_result(f"compare-{opts.data}", f"PARA against the baselines at a matched budget ({opts.data})",
+                 opts.command, time.time() - t0, result_table(results, baseline),
+                 {"target": target, "baseline": baseline, "rows": results, "settings": settings_line(opts)}, note)
+
+
+def cmd_ablations(opts):
+    t0 = time.time()
+    args = model_args(opts)
+    parade = AdapterConfig("para", r=12)
+    target = count_parameters(args, parade)
+    rows = [("PARADE", "parade", parade),
+            ("PARADE-1 (last-token pooler)", "parade-1", AdapterConfig("para", r=12, pooler="last")),
+            ("PARADE-2 (routing pooler)", "parade-2", AdapterConfig("para", r=12, pooler="routing")),
+            ("PARADE-3 (q,k,v,g,u, r matched)", "parade-3",
+             match_budget(args, target, "para", targets=("q", "k", "v", "g", "u"))),
+            ("PARADE-4 (q,v, r matched)", "parade-4", match_budget(args, target, "para", targets=("q", "v")))]
+    baseline = majority_baseline(opts)
+    results = run_rows(opts, f"ablations-{opts.data}", rows)
+    note = f"PARADE-3 and PARADE-4 get the r closest to PARADE's {target:,} parameters, as the paper chose r=8 and " \
+           f"r=24 on 7B.\n{settings_line(opts)}."
+    write_result(f"ablations-{opts.data}", f"PARADE's variants (paper Table 6) on {opts.data}", opts.command,
+                 time.time() - t0, result_table(results, baseline),
+                 {"target": target, "baseline": baseline, "rows": results, "settings": settings_line(opts)}, note)
+
+
+def cmd_sweep(opts):
+    t0 = time.time()
+    rows = []
+    for r in opts.r:
+        K = 4 if r % 4 == 0 else 3  # the capsule pooler needs K | r: K=4 as in the paper where it divides r, else 3
+        rows.append((f"PARADE r={r}", f"r{r}", AdapterConfig("para", r=r, K=K)))
+    baseline = majority_baseline(opts)
+    results = run_rows(opts, f"sweep-{opts.data}", rows)
+    note = f"The bottleneck r of paper Figure 2 (r=12 is the paper's default). The capsule pooler splits r into K " \
+           f"capsules, so K=4 where 4 divides r and K=3 for r=3 and 6.\n{settings_line(opts)}."
+    write_result(f"sweep-{opts.data}", f"PARADE's bottleneck r (paper Figure 2) on {opts.data}", opts.command,
+                 time.time() - t0, result_table(results, baseline),
+                 {"baseline": baseline, "rows": results, "settings": settings_line(opts)}, note)
+
+
+# ---------------------------------------------------------------------------------- inside PARA: the vectors
+
+def vector_spread(l: torch.Tensor) -> dict:
+    """How one layer's vector for one target varies across prompts. l: [N prompts, d].
+
+    spread: mean_p ||l_p - mean|| / ||mean||, 0 when the vector is the same for every prompt (then PARA is (IA)^3);
+    off_identity: mean |l - 1| over prompts and entries, how far the vector is from leaving the model unchanged;
+    prompt_share: mean_p ||l_p - mean|| / mean_p ||l_p - 1||, the part of the adjustment that depends on the prompt.
+    """
+    l = l.double()
+    mean = l.mean(0)
+    dev = (l - mean).norm(dim=-1)
+    change = (l - 1).norm(dim=-1).mean()
+    return {"spread": (dev.mean() / mean.norm()).item(), "off_identity": (l - 1).abs().mean().item(),
+            "prompt_share": (dev.mean() / change).item() if change > 0 else 0.0}
+
+
+@torch.no_grad()
+def capture_vectors(model, prompts: list, batch_size: int = 16) -> dict:
+    """(layer, target) -> [N, d]: the vectors every layer's generator makes for each prompt, read with hooks."""
+    store = {}
+
+    def hook(i):
+        def keep(module, inputs, out):  # out: target -> [B, 1, d]
+            for site, l in out.items():
+                store.setdefault((i, site), []).append(l[:, 0].float())
+        return keep
+
+    handles = [vg.register_forward_hook(hook(i)) for i, layer in enumerate(model.layers)
+               for vg in layer.adapters.values() if isinstance(vg, VectorGenerator)]
+    if not handles:
+        raise ValueError("the model has no PARA adapter attached: there are no generated vectors to look at")
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            tokens = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)  # right padding: never pooled
+            for b, p in enumerate(chunk):
+                tokens[b, :len(p)] = torch.tensor(p)
+            model(tokens, prompt_lens=torch.tensor([len(p) for p in chunk]))
+    finally:
+        for h in handles:
+            h.remove()
+    return {key: torch.cat(parts) for key, parts in store.items()}
+
+
+def test_prompts(opts, tok, n: int) -> tuple:
+    t = TASKS[opts.data]
+    task, examples = load_task(opts.shared / "data" / t["test"])
+    examples = one_per_query(examples)[:n]
+    budget = train.MAX_NEW_TOKENS.get(task, 8)
+    pairs, _ = train.tokenize(examples, tok, 256, SYSTEM_PROMPT, budget)
+    return [p for p, _ in pairs], examples
+
+
+def trained_adapter(opts, path, table: str, cfg: AdapterConfig) -> Path:
+    if path:
+        return Path(path)
+    print(f"training a {cfg.method} adapter on {opts.data} (seed 0; give --{cfg.method} to use your own)")
+    return Path(train_one(opts, table, cfg.method, cfg, 0)["adapter"])
+
+
+def cmd_vectors(opts):
+    t0 = time.time()
+    path = trained_adapter(opts, opts.para, "vectors", AdapterConfig("para", r=12))
+    model = load_model(opts.shared / "assets" / "stories260K" / "hf")
+    tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
+    load_adapter(model, path)
+    prompts, _ = test_prompts(opts, tok, opts.n)
+    vectors = capture_vectors(model, prompts)
+    stats = {f"{i}.{site}": vector_spread(l) for (i, site), l in sorted(vectors.items())}
+    lines = ["| layer | target | spread across prompts | mean abs(l - 1) | prompt-dependent share |",
+             "|---|---|---|---|---|"]
+    for key, s in stats.items():
+        i, site = key.split(".")
+        lines.append(f"| {i} | {site} | {s['spread']:.4f} | {s['off_identity']:.4f} | {s['prompt_share']:.3f} |")
+    note = (f"Adapter `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`, {len(prompts)} test prompts "
+            f"of {opts.data}. spread = mean over prompts of ||l_p - mean_p l_p|| / ||mean_p l_p|| (0: one constant "
+            "vector, i.e. (IA)^3); mean abs(l - 1): how far from the identity; prompt-dependent share = mean "
+            "||l_p - mean|| / mean ||l_p - 1||.")
+    write_result(f"vectors-{opts.data}", f"How much PARA's vectors depend on the prompt ({opts.data})",
+                 opts.command, time.time() - t0, "\n".join(lines),
+                 {"adapter": str(path), "prompts": len(prompts), "stats": stats}, note)
+
+
+# --------------------------------------------------------------------------------- inside PARA: attention maps
+
+def attention_probs(attn, x, cos, sin, mask, adjust) -> torch.Tensor:
+    """softmax(Q'K^T / sqrt(head_dim)) [B, n_heads, T, T], computed exactly as Attention.forward does it."""
+    B, T, _ = x.shape
+    q = adjust("q", x, attn.wq(x)).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = adjust("k", x, attn.wk(x)).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # query head h reads KV head h // group
+    scores = (q @ k.mT).float() / attn.head_dim ** 0.5
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+@torch.no_grad()
+def attention_maps(model, tokens, prompt_lens=None) -> dict:
+    """layer -> [B, n_heads, T, T]: the attention probabilities of every layer in one forward pass. A pre-hook
+    catches each attention module's inputs (the normed x, RoPE, mask, and the adapters' Adjustment)."""
+    maps = {}
+
+    def hook(i):
+        def catch(module, args, kwargs):
+            maps[i] = attention_probs(module, *args[:5])
+        return catch
+
+    handles = [layer.attention.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, layer in enumerate(model.layers)]
+    try:
+        model(tokens, prompt_lens=prompt_lens)
+    finally:
+        for h in handles:
+            h.remove()
+    return maps
+
+
+def write_png(path, image: np.ndarray):
+    """An 8-bit grey (H x W) or RGB (H x W x 3) PNG, written with zlib and struct alone."""
+    image = np.ascontiguousarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"write_png takes uint8 H x W or H x W x 3, got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    colour = 0 if image.ndim == 2 else 2  # PNG colour types: 0 grey, 2 RGB
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = image.reshape(height, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter 0 (none) in front of every row
+    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)  # 8 bits, deflate, no interlace
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+                           + chunk(b"IEND", b""))
+
+
+# viridis at five stops (dark blue -> green -> yellow): perceptually ordered, readable in grey too
+VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
+# blue -> white -> red for signed differences
+DIVERGING = np.array([[33, 102, 172], [247, 247, 247], [178, 24, 43]], dtype=float)
+
+
+def colormap(values: np.ndarray, stops: np.ndarray = VIRIDIS) -> np.ndarray:
+    """Values in [0, 1] (H x W) -> RGB uint8 (H x W x 3), linear between the colour stops."""
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=float)), 0, 1) * (len(stops) - 1)
+    i = np.minimum(v.astype(int), len(stops) - 2)
+    f = (v - i)[..., None]
+    return np.round(stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
+
+
+def grid(panels: list, scale: int, gap: int = 4) -> np.ndarray:
+    """Rows of RGB panels of one size, each pixel blown up to scale x scale, on a white background."""
+    h, w = panels[0][0].shape[:2]
+    rows, cols = len(panels), len(panels[0])
+    out = np.full((rows * (h * scale + gap) + gap, cols * (w * scale + gap) + gap, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(panels):
+        for c, p in enumerate(row):
+            y, x = gap + r * (h * scale + gap), gap + c * (w * scale + gap)
+            out[y:y + h * scale, x:x + w * scale] = p.repeat(scale, 0).repeat(scale, 1)
+    return out
+
+
+def segments(tok, prompt: list) -> int:
+    """Where the system prompt ends in a chat prompt: the length of the tokens it shares with the system part."""
+    head = tok.encode(f"{B_INST} {B_SYS}{SYSTEM_PROMPT}{E_SYS}".rstrip(), bos=True)
+    n = 0
+    while n < min(len(head), len(prompt)) and head[n] == prompt[n]:
+        n += 1
+    return n
+
+
+def cmd_attention(opts):
+    t0 = time.time()
+    para_path = trained_adapter(opts, opts.para, "attention", AdapterConfig("para", r=12))
+    ia3_cfg = match_budget(model_args(opts), count_parameters(model_args(opts), AdapterConfig("para", r=12)), "ia3")
+    ia3_path = trained_adapter(opts, opts.ia3, "attention", ia3_cfg)
+    tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
+    prompts, examples = test_prompts(opts, tok, opts.index + 1)
+    prompt = prompts[opts.index]
+    tokens = torch.tensor([prompt])
+    maps = {}
+    for name, path in (("base", None), ("PARADE", para_path), ("(IA)^3", ia3_path)):
+        model = load_model(opts.shared / "assets" / "stories260K" / "hf")
+        if path:
+            load_adapter(model, path)
+        maps[name] = {i: m[0].numpy() for i, m in attention_maps(model, tokens).items()}
+    sys_end, T = segments(tok, prompt), len(prompt)
+
+    # the paper's reading (Figures 3-6): with PARADE, less attention on the last token of the system prompt, more
+    # among the instruction's tokens. Averaged over the instruction's query positions and over all heads.
+    lines = ["| layer | to the system prompt's last token: base / (IA)^3 / PARADE | among instruction tokens: "
+             "base / (IA)^3 / PARADE |", "|---|---|---|"]
+    stats = {}
+    for i in sorted(maps["base"]):
+        last = {n: float(m[i][:, sys_end:, sys_end - 1].mean()) for n, m in maps.items()}
+        among = {n: float(m[i][:, sys_end:, sys_end:].sum(-1).mean()) for n, m in maps.items()}
+        stats[i] = {"to_system_end": last, "among_instruction": among}
+        lines.append(f"| {i} | {last['base']:.3f} / {last['(IA)^3']:.3f} / {last['PARADE']:.3f} | "
+                     f"{among['base']:.3f} / {among['(IA)^3']:.3f} / {among['PARADE']:.3f} |")
+
+    folder = RESULTS / f"attention-{opts.data}"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in opts.layers:
+        panels = []
+        for h in opts.heads:
+            a, b = maps["PARADE"][i][h], maps["(IA)^3"][i][h]
+            top = max(a.max(), b.max())
+            d = a - b
+            dmax = max(abs(d).max(), 1e-12)
+            panels.append([colormap(a / top), colormap(b / top), colormap(0.5 + 0.5 * d / dmax, DIVERGING)])
+        path = folder / f"layer{i}.png"
+        write_png(path, grid(panels, opts.scale))
+        images.append(path)
+    note = (f"Prompt: test example {opts.index} of {opts.data} ({T} tokens, the system prompt is tokens 0-"
+            f"{sys_end - 1}). PARADE `{para_path}`, (IA)^3 `{ia3_path}` ({describe(ia3_cfg)}). Images "
+            f"`{folder.relative_to(ROOT)}/layer<i>.png`: one row per head ({', '.join(map(str, opts.heads))}), "
+            "columns PARADE | (IA)^3 | PARADE - (IA)^3 (blue: less, red: more); the two maps of a head share one "
+            "colour scale (viridis, 0 to their largest weight); each query row sums to 1.")
+    body = "\n".join(lines) + "\n\n" + "\n".join(f"![layer]({p.relative_to(RESULTS)})" for p in images)
+    write_result(f"attention-{opts.data}", f"Attention under PARADE and (IA)^3 (paper Figures 3-6, {opts.data})",
+                 opts.command, time.time() - t0, body,
+                 {"prompt": examples[opts.index].query, "tokens": T, "system_end": sys_end, "stats": stats,
+                  "images": [str(p) for p in images], "para": str(para_path), "ia3": str(ia3_path)}, note)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", type=Path, default=ROOT.parent / "shared",
+                   help="the shared materials: assets/stories260K and data/ (default: ../shared)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="command")
+
+    def command(name, help, data="sst2", seeds=True):
+        s = sub.add_parser(name, help=help, description=help)
+        s.add_argument("--data", choices=sorted(TASKS), default=data, help=f"task (default: {data})")
+        if seeds:
+            s.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds (default: 0 1 2)")
+        s.add_argument("--train-flag", dest="train_flags", action="append", default=[], metavar="FLAG",
+                       help="extra train.py flag, repeatable, e.g. --train-flag=--lr --train-flag=1e-2")
+        return s
+
+    s = command("compare", "Table 1 in miniature: PARADE, PARA (last token), (IA)^3, LoRA and BitFit at matched "
+                "budgets beside the majority class, median of 3 seeds")
+    s.add_argument("--target", type=int, help="parameter budget (default: PARA r=12's count, 22,220)")
+    command("ablations", "Table 6: PARADE against PARADE-1 (last-token pooler), PARADE-2 (routing pooler), "
+            "PARADE-3 (q,k,v,g,u) and PARADE-4 (q,v) at matched budgets, median of 3 seeds")
+    s = command("sweep", "Figure 2: PARADE's bottleneck r, median of 3 seeds")
+    s.add_argument("--r", type=int, nargs="+", default=[3, 6, 12, 24], help="bottlenecks (default: 3 6 12 24)")
+    s = command("vectors", "Do PARA's generated vectors depend on the prompt? Spread across prompts per layer and "
+                "target (trains a PARADE adapter first unless --para is given)", seeds=False)
+    s.add_argument("--para", help="a trained PARA adapter file (default: train one)")
+    s.add_argument("--n", type=int, default=128, help="prompts from the test set (default 128)")
+    s = command("attention", "Figures 3-6: attention maps of one prompt under PARADE and (IA)^3, as PNGs (trains "
+                "both adapters first unless --para and --ia3 are given)", seeds=False)
+    s.add_argument("--para", help="a trained PARA adapter file (default: train one)")
+    s.add_argument("--ia3", help="a trained (IA)^3 adapter file (default: train one)")
+    s.add_argument("--index", type=int, default=0, help="which test example's prompt (default 0)")
+    s.add_argument("--layers", type=int, nargs="+", default=[0, 2, 4], help="layers to draw (default 0 2 4)")
+    s.add_argument("--heads", type=int, nargs="+", default=[0, 4], help="heads to draw (default 0 4, the paper's "
+                   "0-th and 16-th of 32 scaled to 8)")
+    s.add_argument("--scale", type=int, default=3, help="pixels per token (default 3)")
+    opts = p.parse_args(argv)
+    opts.seeds = getattr(opts, "seeds", [0])
+    opts.command = "python lab.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return opts
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    if not (opts.shared / "assets" / "stories260K" / "hf").is_dir():
+        sys.exit(f"error: the shared 260K model is not at {opts.shared / 'assets/stories260K/hf'}; give --shared")
+    {"compare": cmd_compare, "ablations": cmd_ablations, "sweep": cmd_sweep, "vectors": cmd_vectors,
+     "attention": cmd_attention}[opts.cmd](opts)
+
+
+if __name__ == "__main__":
+    main()

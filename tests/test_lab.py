@@ -1,0 +1,213 @@
+# The lab's instruments (lab.py): the vector statistics, the budget matching, the PNG writer and the attention maps
+# are checked against hand-worked numbers, brute force, a decoder written here, and Hugging Face's own attention.
+import math
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lab  # noqa: E402
+from para_mini import AdapterConfig, add_adapter, count_parameters, load_model  # noqa: E402
+from para_mini.params import PRESETS  # noqa: E402
+
+TINY = PRESETS["stories260K"]
+
+
+# ------------------------------------------------------------------------------------------- vector statistics
+
+def test_vectors_that_are_the_same_for_every_prompt_have_zero_spread():
+    l = torch.tensor([[2.0, 1.0], [2.0, 1.0], [2.0, 1.0]])  # three prompts, one constant vector: (IA)^3
+    s = lab.vector_spread(l)
+    assert s["spread"] == 0 and s["prompt_share"] == 0
+    assert s["off_identity"] == pytest.approx(0.5)  # |2 - 1| and |1 - 1|, averaged
+
+
+def test_vector_spread_matches_hand_worked_values():
+    # mean (2, 1), |mean| = sqrt(5); deviations (-1, 0), (1, 0) of norm 1; |l - 1| entries 0, 0, 2, 0;
+    # |l_p - 1| = 0 and 2, mean 1, so the whole adjustment is prompt-dependent
+    s = lab.vector_spread(torch.tensor([[1.0, 1.0], [3.0, 1.0]]))
+    assert s["spread"] == pytest.approx(1 / math.sqrt(5))
+    assert s["off_identity"] == pytest.approx(0.5)
+    assert s["prompt_share"] == pytest.approx(1.0)
+    # a prompt-dependent part on top of a constant one: l = (1 + 2, 1) and (1 + 4, 1)
+    s = lab.vector_spread(torch.tensor([[3.0, 1.0], [5.0, 1.0]]))
+    assert s["spread"] == pytest.approx(1 / math.sqrt(17))  # deviations of norm 1, mean (4, 1)
+    assert s["off_identity"] == pytest.approx((2 + 4) / 4)
+    assert s["prompt_share"] == pytest.approx(1 / 3)  # |l_p - 1| = 2 and 4
+
+
+def test_the_identity_vectors_have_no_spread_and_no_share():
+    s = lab.vector_spread(torch.ones(4, 3))
+    assert s == {"spread": 0.0, "off_identity": 0.0, "prompt_share": 0.0}
+
+
+def test_captured_vectors_are_one_per_prompt_and_do_not_depend_on_the_batch(tmp_path):
+    model = load_model(shared("assets", "stories260K", "hf"))
+    add_adapter(model, AdapterConfig("para", r=12))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.adapters["para0"].up.weight.normal_(0, 0.5)  # a trained-looking generator, not the identity
+    prompts = [[1, 5, 9, 30, 7], [1, 40, 41], [1, 3, 3, 3, 3, 3, 3, 8]]
+    together = lab.capture_vectors(model, prompts)
+    alone = [lab.capture_vectors(model, [p]) for p in prompts]
+    assert set(together) == {(i, s) for i in range(5) for s in ("q", "v", "u")}
+    assert together[(0, "u")].shape == (3, 172) and together[(2, "q")].shape == (3, 64)
+    for key, l in together.items():  # right padding never reaches the pooler
+        torch.testing.assert_close(l, torch.cat([a[key] for a in alone]), rtol=1e-5, atol=1e-6)
+    assert lab.vector_spread(together[(0, "v")])["spread"] > 0
+
+
+# ----------------------------------------------------------------------------------------------- budgets
+
+@pytest.mark.parametrize("method, settings", [("para", {}), ("para", {"pooler": "last"}),
+                                              ("para", {"targets": ("q", "k", "v", "g", "u")}),
+                                              ("para", {"targets": ("q", "v")}), ("lora", {}), ("ia3", {}),
+                                              ("bitfit", {})])
+@pytest.mark.parametrize("target", [5_000, 22_220, 40_000])
+def test_the_matched_budget_is_the_closest_any_knob_value_reaches(method, settings, target):
+    cfg = lab.match_budget(TINY, target, method, **settings)
+    knob = lab.KNOB[method]
+    step = lab.knob_step(cfg)
+    every = [count_parameters(TINY, AdapterConfig(method, **settings, **{knob: v})) for v in range(step, 97, step)]
+    assert abs(count_parameters(TINY, cfg) - target) == min(abs(n - target) for n in every)
+    assert all(getattr(cfg, k) == v for k, v in settings.items())
+
+
+def test_the_default_budget_gives_the_papers_choices_on_the_260k_model():
+    target = count_parameters(TINY, AdapterConfig("para", r=12))
+    assert target == 22_220
+    assert lab.match_budget(TINY, target, "para").r == 12
+    assert lab.match_budget(TINY, target, "para", targets=("q", "k", "v", "g", "u")).r == 8  # the paper's PARADE-3
+    assert lab.match_budget(TINY, target, "para", targets=("q", "v")).r == 24  # the paper's PARADE-4
+    assert lab.match_budget(TINY, target, "lora").r == 4  # the paper's LoRA rank
+
+
+def test_the_projected_ia3_and_bitfit_reach_the_papers_7b_budgets():
+    b7 = PRESETS["7b"]
+    assert count_parameters(b7, AdapterConfig("ia3", proj=16)) == 9_831_936  # the paper's 9.8M
+    assert count_parameters(b7, AdapterConfig("bitfit", proj=8)) == 10_880_768  # the paper's 10.9M
+    assert lab.match_budget(b7, 9_800_000, "ia3").proj == 16
+    assert lab.match_budget(b7, 10_900_000, "bitfit").proj == 8
+
+
+# --------------------------------------------------------------------------------------------------- PNG
+
+def read_png(data: bytes):
+    """A minimal decoder for what write_png writes: returns (IHDR fields, pixel bytes per row)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body), f"bad CRC in {kind}"
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
+    header = struct.unpack(">IIBBBBB", chunks[0][1])
+    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
+    width, height, _, colour = header[:4]
+    row = width * (3 if colour == 2 else 1)
+    assert len(raw) == height * (row + 1)
+    rows = [raw[r * (row + 1):(r + 1) * (row + 1)] for r in range(height)]
+    assert all(r[0] == 0 for r in rows)  # filter type 0
+    return header, b"".join(r[1:] for r in rows)
+
+
+def test_write_png_writes_what_a_decoder_reads_back(tmp_path):
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 13
+    lab.write_png(tmp_path / "rgb.png", rgb)
+    header, pixels = read_png((tmp_path / "rgb.png").read_bytes())
+    assert header == (3, 2, 8, 2, 0, 0, 0)  # width 3, height 2, 8 bits, RGB, deflate, filter 0, no interlace
+    assert pixels == rgb.tobytes()
+
+    grey = np.array([[0, 128, 255], [7, 8, 9], [1, 2, 3], [200, 100, 50]], dtype=np.uint8)
+    lab.write_png(tmp_path / "grey.png", grey)
+    header, pixels = read_png((tmp_path / "grey.png").read_bytes())
+    assert header == (3, 4, 8, 0, 0, 0, 0) and pixels == grey.tobytes()
+
+    with pytest.raises(ValueError, match="uint8"):
+        lab.write_png(tmp_path / "bad.png", rgb.astype(float))
+
+
+def test_the_colormap_runs_from_its_first_stop_to_its_last():
+    out = lab.colormap(np.array([[0.0, 1.0, 0.5, -3.0, 7.0]]))
+    assert out.dtype == np.uint8 and out.shape == (1, 5, 3)
+    assert out[0, 0].tolist() == lab.VIRIDIS[0].tolist() and out[0, 1].tolist() == lab.VIRIDIS[-1].tolist()
+    assert out[0, 2].tolist() == lab.VIRIDIS[2].tolist()  # the middle stop of five
+    assert out[0, 3].tolist() == out[0, 0].tolist() and out[0, 4].tolist() == out[0, 1].tolist()  # clipped
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+def trained_looking_para(model):
+    add_adapter(model, AdapterConfig("para", r=12, targets=("q", "k", "v", "u")))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.adapters["para0"].up.weight.normal_(0, 0.5)
+    return model
+
+
+def test_recomputed_attention_reproduces_the_attention_modules_output_under_para():
+    model = trained_looking_para(load_model(shared("assets", "stories260K", "hf")))
+    tokens = torch.randint(3, 512, (2, 11), generator=torch.Generator().manual_seed(1))
+    caught = {}
+
+    def keep(module, args, kwargs, out):
+        caught[module] = (args, out)
+
+    layer = model.layers[3].attention
+    handle = layer.register_forward_hook(keep, with_kwargs=True)
+    maps = lab.attention_maps(model, tokens, prompt_lens=torch.tensor([6, 9]))
+    handle.remove()
+    probs = maps[3]
+    assert probs.shape == (2, 8, 11, 11)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 8, 11))  # every row is a distribution
+    assert (probs.triu(1) == 0).all()  # causal: no position sees a later one
+
+    (x, cos, sin, mask, adjust), out = caught[layer][0][:5], caught[layer][1]
+    B, T, _ = x.shape
+    v = adjust("v", x, layer.wv(x)).view(B, T, layer.n_kv_heads, layer.head_dim).transpose(1, 2)
+    v = v.repeat_interleave(layer.n_heads // layer.n_kv_heads, dim=1)
+    mixed = (probs @ v).transpose(1, 2).reshape(B, T, -1)
+    torch.testing.assert_close(adjust("o", mixed, layer.wo(mixed)), out, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_maps_with_an_identity_adapter_equal_hugging_face_eager_attentions():
+    transformers = pytest.importorskip("transformers")
+    path = shared("assets", "stories260K", "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(path), attn_implementation="eager").eval()
+    model = load_model(path)
+    add_adapter(model, AdapterConfig("para", r=12))  # at initialisation: every vector is ones
+    tokens = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(2))
+    ours = lab.attention_maps(model, tokens)
+    with torch.no_grad():
+        theirs = hf(tokens, output_attentions=True).attentions
+    assert len(theirs) == len(ours) == 5
+    for i, a in enumerate(theirs):
+        torch.testing.assert_close(ours[i], a.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_system_prompt_ends_where_the_chat_template_says():
+    from para_mini import load_tokenizer
+    from para_mini.data import SYSTEM_PROMPT
+    tok = load_tokenizer(shared("assets", "stories260K", "tok512.model"))
+    prompt, _ = tok.encode_chat("the film is great", None, SYSTEM_PROMPT)
+    end = lab.segments(tok, prompt)
+    assert tok.decode(prompt[:end]).endswith("<</SYS>>") and "film" in tok.decode(prompt[end:])
+
+
+def test_lab_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        lab.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("compare", "ablations", "sweep", "vectors", "attention"))

@@ -71,13 +71,13 @@ class AdapterConfig:
     def __post_init__(self):
         if self.method not in DEFAULT_TARGETS:
             raise ValueError(f"unknown adapter method {self.method!r}; choose one of {sorted(DEFAULT_TARGETS)}")
-        self.targets = tuple(t for t in SITES if t in (self.targets or DEFAULT_TARGETS[self.method]))
+        targets = tuple(self.targets or DEFAULT_TARGETS[self.method])
+        if set(targets) - set(SITES):
+            raise ValueError(f"adapter targets must be a subset of {SITES}, got {targets}")
+        self.targets = tuple(t for t in SITES if t in targets)  # one canonical order: the order of the file's rows
         self.r = self.r or {"para": 12, "lora": 4}.get(self.method, 0)
         if self.proj < 0 or (self.proj and self.method not in ("ia3", "bitfit")):
             raise ValueError(f"proj={self.proj}: only (IA)^3 and BitFit take a projection, and it must be >= 0")
-        unknown = set(self.targets) - set(SITES)
-        if unknown or not self.targets:
-            raise ValueError(f"adapter targets must be a non-empty subset of {SITES}, got {self.targets}")
         if self.method == "para":
             if self.pooler not in ("capsule", "last", "routing", "mean"):
                 raise ValueError(f"unknown pooler {self.pooler!r}; choose capsule, last, routing or mean")
@@ -195,6 +195,8 @@ class Cache:
         self.layers, self.pad, self.pos = layers, pad, 0
 
     def reorder(self, index):
+        if self.pos == 0:
+            raise ValueError("reorder a cache after its prefill: before it there is nothing to reorder")
         for c in self.layers:
             c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
             c.adjust.reorder(index)

@@ -431,6 +431,9 @@ def test_adapter_settings_are_checked():
         AdapterConfig("prefix")
     with pytest.raises(ValueError, match="PARA adjusts"):
         AdapterConfig("para", targets=("q", "o"))
+    with pytest.raises(ValueError, match="must be a subset of"):
+        AdapterConfig("lora", targets=("q", "x"))
+    assert AdapterConfig("para", targets=("u", "q")).targets == ("q", "u")  # the file's row order, whatever is given
     model = tiny_model()
     add_adapter(model, AdapterConfig("para"), "a")
     add_adapter(model, AdapterConfig("ia3"), "b")

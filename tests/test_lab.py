@@ -65,6 +65,13 @@ def test_captured_vectors_are_one_per_prompt_and_do_not_depend_on_the_batch(tmp_
     assert lab.vector_spread(together[(0, "v")])["spread"] > 0
 
 
+def test_the_lab_scores_the_label_an_answer_starts_with():
+    assert lab.label_first("sst2", " Positive8 p") == "positive"  # train.py's whole-word parse says None here
+    assert lab.label_first("sst2", "negative$ po") == "negative"
+    assert lab.label_first("boolq", "no") == "no" and lab.label_first("boolq", "yes") == "yes"
+    assert lab.label_first("sst2", "pos") is None and lab.label_first("boolq", "maybe") is None
+
+
 # ----------------------------------------------------------------------------------------------- budgets
 
 @pytest.mark.parametrize("method, settings", [("para", {}), ("para", {"pooler": "last"}),

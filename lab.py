@@ -47,7 +47,7 @@ RESULTS, RUNS = ROOT / "lab" / "results", ROOT / "lab" / "runs"
 # label_first_accuracy).
 TASKS = {
     "sst2": {"train": "sst2/train.tsv", "dev": None, "test": "sst2/dev.tsv",
-             "flags": ["--max-train", "4800", "--max-eval", "400", "--batch-size", "16", "--max-steps", "200",
+             "flags": ["--max-train", "2400", "--max-eval", "400", "--batch-size", "16", "--max-steps", "150",
                        "--eval-every", "50", "--lr", "1e-2", "--max-new-tokens", "6"]},
     "boolq": {"train": "boolq/train.jsonl", "dev": "boolq/dev.jsonl", "test": "boolq/test.jsonl",
               "flags": ["--max-eval", "400", "--max-len", "256", "--batch-size", "16", "--max-steps", "120",
@@ -521,8 +521,8 @@ def parse_args(argv=None):
                 "budgets beside the majority class, median of 3 seeds")
     s.add_argument("--target", type=int, help="parameter budget (default: PARA r=12's count, 22,220)")
     command("ablations", "Table 6: PARADE against PARADE-1 (last-token pooler), PARADE-2 (routing pooler), "
-            "PARADE-3 (q,k,v,g,u) and PARADE-4 (q,v) at matched budgets, median of 3 seeds")
-    s = command("sweep", "Figure 2: PARADE's bottleneck r, median of 3 seeds")
+            "PARADE-3 (q,k,v,g,u) and PARADE-4 (q,v) at matched budgets, median of 3 seeds", data="boolq")
+    s = command("sweep", "Figure 2: PARADE's bottleneck r, median of 3 seeds", data="boolq")
     s.add_argument("--r", type=int, nargs="+", default=[3, 6, 12, 24], help="bottlenecks (default: 3 6 12 24)")
     s = command("vectors", "Do PARA's generated vectors depend on the prompt? Spread across prompts per layer and "
                 "target (trains a PARADE adapter first unless --para is given)", seeds=False)

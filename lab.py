@@ -30,6 +30,7 @@ import torch
 
 import train
 from para_mini import AdapterConfig, count_parameters, load_adapter, load_model, load_tokenizer
+from para_mini.adapters import adapter_config
 from para_mini.data import LABELS, SYSTEM_PROMPT, load_task, one_per_query
 from para_mini.metrics import score
 from para_mini.model import VectorGenerator, apply_rope
@@ -143,7 +144,7 @@ def label_first(task: str, text: str):
 
 
 def label_first_accuracy(task: str, predictions_file: Path) -> float:
-    rows = [json.loads(line) for line in open(predictions_file)]
+    rows = [json.loads(line) for line in Path(predictions_file).read_text().splitlines()]
     return 100 * sum(label_first(task, r["prediction"]) == r["references"][0] for r in rows) / len(rows)
 
 
@@ -202,10 +203,16 @@ def result_table(rows, baseline=None) -> str:
     return "\n".join(lines)
 
 
+def shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def write_result(name: str, title: str, command: str, wall: float, body: str, data: dict, note: str = ""):
     machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, " \
               f"{torch.get_num_threads()} threads"
-    md = f"### {title}\n\n`{command}` ({machine}; wall time {wall / 60:.1f} min)\n\n"
+    took = f"{wall / 60:.1f} min" if wall >= 60 else f"{wall:.0f} s"
+    md = f"### {title}\n\n`{command}` ({machine}; wall time {took})\n\n"
     md += (note + "\n\n" if note else "") + body + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text(md)
@@ -287,19 +294,22 @@ def vector_spread(l: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def capture_vectors(model, prompts: list, batch_size: int = 16) -> dict:
-    """(layer, target) -> [N, d]: the vectors every layer's generator makes for each prompt, read with hooks."""
+    """(layer, target) -> [N, d]: the vectors every layer's generator makes for each prompt, read with hooks;
+    with a capsule or routing pooler also (layer, "z") -> [N, r], the pooled summary the vectors are made from."""
     store = {}
 
     def hook(i):
-        def keep(module, inputs, out):  # out: target -> [B, 1, d]
-            for site, l in out.items():
+        def keep(module, inputs, out):  # a generator's out: target -> [B, 1, d]; a pooler's: z [B, r]
+            for site, l in (out.items() if isinstance(out, dict) else [("z", out[:, None])]):
                 store.setdefault((i, site), []).append(l[:, 0].float())
         return keep
 
-    handles = [vg.register_forward_hook(hook(i)) for i, layer in enumerate(model.layers)
-               for vg in layer.adapters.values() if isinstance(vg, VectorGenerator)]
-    if not handles:
+    generators = [(i, vg) for i, layer in enumerate(model.layers) for vg in layer.adapters.values()
+                  if isinstance(vg, VectorGenerator)]
+    if not generators:
         raise ValueError("the model has no PARA adapter attached: there are no generated vectors to look at")
+    handles = [m.register_forward_hook(hook(i)) for i, vg in generators
+               for m in ([vg, vg.pool] if hasattr(vg, "pool") else [vg])]
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
@@ -318,7 +328,7 @@ def test_prompts(opts, tok, n: int) -> tuple:
     task, examples = load_task(opts.shared / "data" / t["test"])
     examples = one_per_query(examples)[:n]
     budget = train.MAX_NEW_TOKENS.get(task, 8)
-    pairs, _ = train.tokenize(examples, tok, 256, SYSTEM_PROMPT, budget)
+    pairs, _ = train.tokenize(examples, tok, run_settings(opts).max_len, SYSTEM_PROMPT, budget)
     return [p for p, _ in pairs], examples
 
 
@@ -334,22 +344,30 @@ def cmd_vectors(opts):
     path = trained_adapter(opts, opts.para, "vectors", AdapterConfig("para", r=12))
     model = load_model(opts.shared / "assets" / "stories260K" / "hf")
     tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
-    load_adapter(model, path)
+    name = load_adapter(model, path)
     prompts, _ = test_prompts(opts, tok, opts.n)
     vectors = capture_vectors(model, prompts)
-    stats = {f"{i}.{site}": vector_spread(l) for (i, site), l in vectors.items()}  # layer by layer, q v u
+    stats = {f"{i}.{site}": vector_spread(l) for (i, site), l in vectors.items() if site != "z"}  # layer by layer
     lines = ["| layer | target | spread across prompts | mean abs(l - 1) | prompt-dependent share |",
              "|---|---|---|---|---|"]
     for key, s in stats.items():
         i, site = key.split(".")
         lines.append(f"| {i} | {site} | {s['spread']:.3g} | {s['off_identity']:.3g} | {s['prompt_share']:.3g} |")
-    note = (f"Adapter `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`, {len(prompts)} test prompts "
+    pooled = {i: {"norm": z.norm(dim=-1).mean().item(), "spread": vector_spread(z)["spread"]}
+              for (i, site), z in vectors.items() if site == "z"}
+    if pooled:  # the capsules' lengths are squashed below 1, so |z| is at most sqrt(K)
+        K = adapter_config(model, name).K
+        lines += ["", f"| layer | pooled z: mean length (at most sqrt(K) = {K ** 0.5:.3g}) | spread across prompts |",
+                  "|---|---|---|"]
+        lines += [f"| {i} | {p['norm']:.3g} | {p['spread']:.3g} |" for i, p in pooled.items()]
+    note = (f"Adapter `{shown(path)}`, {len(prompts)} test prompts "
             f"of {opts.data}. spread = mean over prompts of ||l_p - mean_p l_p|| / ||mean_p l_p|| (0: one constant "
             "vector, i.e. (IA)^3); mean abs(l - 1): how far from the identity; prompt-dependent share = mean "
-            "||l_p - mean|| / mean ||l_p - 1||.")
-    write_result(f"vectors-{opts.data}", f"How much PARA's vectors depend on the prompt ({opts.data})",
+            "||l_p - mean|| / mean ||l_p - 1||. The pooled z is the capsule pooler's output, GeLU(z) W_up + b_up = l.")
+    result = f"vectors-{opts.data}" + (f"-{path.parent.name}" if opts.para else "")  # another adapter, another file
+    write_result(result, f"How much PARA's vectors depend on the prompt ({opts.data})",
                  opts.command, time.time() - t0, "\n".join(lines),
-                 {"adapter": str(path), "prompts": len(prompts), "stats": stats}, note)
+                 {"adapter": str(path), "prompts": len(prompts), "stats": stats, "pooled": pooled}, note)
 
 
 # --------------------------------------------------------------------------------- inside PARA: attention maps
@@ -446,8 +464,12 @@ def segments(tok, prompt: list) -> int:
 
 def cmd_attention(opts):
     t0 = time.time()
+    args = model_args(opts)
+    if not all(0 <= i < args.n_layers for i in opts.layers) or not all(0 <= h < args.n_heads for h in opts.heads):
+        raise SystemExit(f"error: the model has layers 0-{args.n_layers - 1} and heads 0-{args.n_heads - 1}; "
+                         f"asked for layers {opts.layers}, heads {opts.heads}")
     para_path = trained_adapter(opts, opts.para, "attention", AdapterConfig("para", r=12))
-    ia3_cfg = match_budget(model_args(opts), count_parameters(model_args(opts), AdapterConfig("para", r=12)), "ia3")
+    ia3_cfg = match_budget(args, count_parameters(args, AdapterConfig("para", r=12)), "ia3")  # as in compare
     ia3_path = trained_adapter(opts, opts.ia3, "attention", ia3_cfg)
     tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
     prompts, examples = test_prompts(opts, tok, opts.index + 1)
@@ -488,12 +510,13 @@ def cmd_attention(opts):
         write_png(path, grid(panels, opts.scale))
         images.append(path)
     note = (f"Prompt: test example {opts.index} of {opts.data} ({T} tokens, the system prompt is tokens 0-"
-            f"{sys_end - 1}). PARADE `{para_path}`, (IA)^3 `{ia3_path}` ({describe(ia3_cfg)}). Images "
+            f"{sys_end - 1}). PARADE `{shown(para_path)}`, (IA)^3 `{shown(ia3_path)}` ({describe(ia3_cfg)}). Images "
             f"`{folder.relative_to(ROOT)}/layer<i>.png`: one row per head ({', '.join(map(str, opts.heads))}), "
             "columns PARADE | (IA)^3 | PARADE - (IA)^3 (blue: less under PARADE, red: more); rows are query tokens, "
             "columns the keys they attend to; colour = sqrt(weight) (viridis, 0 to 1) and, for the difference, "
             "sqrt of its share of the largest difference.")
-    body = "\n".join(lines) + "\n\n" + "\n".join(f"![layer]({p.relative_to(RESULTS)})" for p in images)
+    body = "\n".join(lines) + "\n\n" + "\n".join(f"![layer {i}]({p.relative_to(RESULTS)})"
+                                                  for i, p in zip(opts.layers, images))
     write_result(f"attention-{opts.data}", f"Attention under PARADE and (IA)^3 (paper Figures 3-6, {opts.data})",
                  opts.command, time.time() - t0, body,
                  {"prompt": examples[opts.index].query, "tokens": T, "system_end": sys_end, "stats": stats,

@@ -58,8 +58,9 @@ def test_captured_vectors_are_one_per_prompt_and_do_not_depend_on_the_batch(tmp_
     prompts = [[1, 5, 9, 30, 7], [1, 40, 41], [1, 3, 3, 3, 3, 3, 3, 8]]
     together = lab.capture_vectors(model, prompts)
     alone = [lab.capture_vectors(model, [p]) for p in prompts]
-    assert set(together) == {(i, s) for i in range(5) for s in ("q", "v", "u")}
+    assert set(together) == {(i, s) for i in range(5) for s in ("q", "v", "u", "z")}  # z: the pooled summary
     assert together[(0, "u")].shape == (3, 172) and together[(2, "q")].shape == (3, 64)
+    assert together[(4, "z")].shape == (3, 12)
     for key, l in together.items():  # right padding never reaches the pooler
         torch.testing.assert_close(l, torch.cat([a[key] for a in alone]), rtol=1e-5, atol=1e-6)
     assert lab.vector_spread(together[(0, "v")])["spread"] > 0

@@ -260,6 +260,16 @@ def gemv_floor(model, device, warmup, repeats, replays=20):
 
 # ------------------------------------------------------------------------------------------------------- main
 
+def emit(report, path=None):
+    """Print the report as JSON, and write it to `path` too when one is given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    return report
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Decoding speed of para-mini (base, PARA, (IA)^3, LoRA) beside Hugging "
                                 "Face + PEFT on the same random weights; prints JSON (and writes it to --out).")
@@ -322,12 +332,7 @@ def main(argv=None):
         else None,
         "versions": versions,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return report
+    return emit(report, a.out)
 
 
 if __name__ == "__main__":

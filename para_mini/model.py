@@ -461,13 +461,17 @@ class Transformer(nn.Module):
         layers = [KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, p.dtype, p.device) for _ in self.layers]
         return Cache(layers, torch.zeros(batch_size, dtype=torch.long, device=p.device))
 
-    def forward(self, tokens, prompt_lens=None, pad=None, cache: Optional[Cache] = None, adapters=None):
+    def forward(self, tokens, prompt_lens=None, pad=None, cache: Optional[Cache] = None, adapters=None,
+                logits_at=None):
         """tokens [B, T] -> logits [B, T, vocab].
 
         prompt_lens: [B] prompt tokens per row, after any left padding (PARA pools only these; needed with PARA).
         pad: [B] left-padding per row (batched prompts of different lengths); None: no left padding.
         cache: from new_cache(); the first call is the prefill, each later call appends tokens.
         adapters: the adapter name of each row (None: the base model); None: the one attached adapter, if any.
+        logits_at: only these positions get logits, as the [B, T, dim] x [dim, vocab] head is the largest single
+            product of a short sequence: an index or slice along T (generation's prefill: slice(-1, None) ->
+            [B, 1, vocab]) or a bool mask [B, T] (training: the response tokens -> [N, vocab], row by row).
         """
         B, T = tokens.shape
         device = tokens.device
@@ -503,6 +507,8 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, prompt, c, start)
         if cache is not None:
             cache.pos += T
+        if logits_at is not None:  # select before the norm: it is per position, so the result is the same
+            h = h[logits_at] if isinstance(logits_at, torch.Tensor) else h[:, logits_at]
         return self.output(self.norm(h))
 
     @staticmethod

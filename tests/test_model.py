@@ -33,6 +33,13 @@ def test_fp32_logits_equal_hugging_face_at_every_position(tmp_path, heads):
     assert ref.std() > 1.0  # logits large enough that a 1e-4 agreement means something
     assert (model(tokens) - ref).abs().max() <= TOL
 
+    # logits at some positions only: the last (generation's prefill), and a ragged mask (training's responses)
+    assert (model(tokens, logits_at=slice(-1, None)) - ref[:, -1:]).abs().max() <= TOL
+    picked = torch.zeros(3, 24, dtype=torch.bool)
+    picked[0, 5], picked[1, 10:14], picked[2, -1] = True, True, True
+    assert model(tokens, logits_at=picked).shape == (6, 128)
+    assert (model(tokens, logits_at=picked) - ref[picked]).abs().max() <= TOL
+
 
 @torch.no_grad()
 def test_tied_embeddings_load_as_one_tensor_and_equal_hugging_face(tmp_path):

@@ -104,6 +104,24 @@ def test_the_loss_mask_covers_exactly_the_response_tokens_and_eos():
         assert tokens[b, :len(p) + len(r)].tolist() == p + r
 
 
+@torch.no_grad()
+def test_the_loss_is_the_cross_entropy_of_every_position_with_the_prompt_and_padding_ignored():
+    # loss_sum sends only the response positions through the LM head; the textbook loss scores every position and
+    # ignores the -100 targets, and the two must agree
+    model = load_model(shared("assets", "stories260K", "hf"))
+    train.add_adapter(model, train.AdapterConfig("para"))
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)  # a trained-looking adapter, not the identity
+    pairs = [([1, 5, 9, 300, 41], [72, 2]), ([1, 8, 8], [11, 12, 13, 2])]
+    tokens, targets, lens = train.collate(pairs, 0, "cpu")
+    want = torch.nn.functional.cross_entropy(model(tokens, prompt_lens=lens).flatten(0, 1), targets.flatten(),
+                                             ignore_index=-100, reduction="sum")
+    got = train.loss_sum(model, tokens, targets, lens, torch.autocast("cpu", enabled=False))
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-5) and want > 1.0
+
+
 def test_the_learning_rate_warms_up_for_6_percent_then_decays_linearly():
     args = train.parse_args(["--data", "x", "--weights", "y", "--lr", "1e-4"])
     lrs = [train.lr_at(s, 100, args) for s in range(100)]

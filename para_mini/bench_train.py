@@ -1,0 +1,250 @@
+# python -m para_mini.bench_train: the fine-tuning step of train.py on a LLaMA-2 shape with random weights: peak
+# memory and tokens/s of PARA (r=12, K=4, q, v, u), beside PEFT LoRA (r=4 on all seven linears) on the very same
+# backbone tensors when transformers + peft are installed. Nothing is downloaded.
+#
+# Peak memory: on a GPU, torch.cuda.max_memory_allocated. A CPU has no such counter, so there the step runs under
+# LiveTensors, which adds up the storage of every tensor an operator returns for as long as it is alive (weights,
+# saved activations, gradients, optimizer state: what max_memory_allocated counts, less the scratch space kernels
+# take internally, such as attention's backward buffers and the BLAS workspace). --depths runs a few
+# shallow copies of the shape and fits peak = a + b x layers, which gives the full depth's figure on a machine that
+# could not hold it, together with the fit's residual as a check that the line is a line. From two layers on, each
+# layer adds its weights and what it keeps for the backward pass (with checkpointing: its input); a single layer
+# peaks at another moment of the step, so fit depths of 2 and more.
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+import weakref
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .adapters import add_adapter, remove_adapter
+from .bench import SHAPES, emit, hf_twin, random_model
+from .loading import HF_NAMES
+from .model import AdapterConfig
+
+PARA = AdapterConfig("para", ("q", "v", "u"), r=12, K=4)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, per datasheet
+DEFINITIONS = {
+    "tokens_per_s": "batch x seq / median wall time of one optimizer step (forward, backward, clipping, AdamW)",
+    "peak_mem_gib": "on CUDA: torch.cuda.max_memory_allocated over the steps, weights included; on CPU: the "
+                    "LiveTensors count (every tensor storage an operator returned, while alive; kernels' internal "
+                    "scratch space is not seen)",
+    "model_flops_per_step": "4 x N_blocks x B x T (forward, and the backward to the activations: a frozen backbone "
+                            "needs no weight gradients; recomputation is not counted) + 4 x N_head x scored tokens "
+                            "(the loss needs logits only there) + 12 x layers x dim x T x B (attention scores and "
+                            "values, forward and backward, PaLM's convention); adapters are < 0.2% and left out",
+    "mfu": "model_flops_per_step / step time / the GPU's dense bf16 peak (H100 / H200 SXM: 989 TFLOP/s)",
+}
+
+
+class LiveTensors(TorchDispatchMode):
+    """Counts the bytes of live tensor storage, as the CUDA caching allocator's allocated counter does (sizes
+    rounded up to its 512-byte blocks). Views share their base's storage and count once; a storage stops counting
+    when Python lets go of it."""
+
+    def __init__(self, *already):
+        super().__init__()
+        self.sizes = WeakIdKeyDictionary()
+        self.live = self.peak = 0
+        for t in already:
+            self.count(t)
+
+    def count(self, t):
+        storage = t.untyped_storage()
+        if storage in self.sizes:
+            return
+        n = -(-storage.nbytes() // 512) * 512
+        self.sizes[storage] = n
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self.release, n)
+
+    def release(self, n):
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.count(t)
+        return out
+
+
+def batch(vocab, B, T, response, device, seed=0):
+    """Random right-aligned examples as train.py's collate makes them: a prompt, then `response` scored tokens."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, vocab, (B, T), generator=g)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    targets[:, T - response - 1:T - 1] = tokens[:, T - response:]  # position t predicts token t + 1
+    lens = torch.full((B,), T - response)
+    return tokens.to(device), targets.to(device), lens.to(device)
+
+
+def update(loss, opt):
+    """The end of every step: backward, clip the gradient norm to 1, AdamW, clear the gradients."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+# The step of train.py's loop (loss_sum, then backward, clipping, AdamW), for one micro-batch per step.
+def para_step(model, opt, tokens, targets, lens, autocast):
+    scored = targets != -100
+    with autocast:
+        logits = model(tokens, prompt_lens=lens, logits_at=scored)
+    loss = F.cross_entropy(logits.float(), targets[scored], reduction="sum") / scored.sum()
+    return update(loss, opt)
+
+
+# A PEFT user's step: the model's own loss from labels (unshifted: HF shifts them), logits at every position.
+def peft_step(model, opt, tokens, targets, lens, autocast):
+    labels = torch.full_like(targets, -100)
+    labels[:, 1:] = targets[:, :-1]
+    with autocast:
+        loss = model(input_ids=tokens, labels=labels).loss
+    return update(loss, opt)
+
+
+def model_flops(args, B, T, scored):
+    n_blocks = args.n_layers * (args.dim * (args.dim + 2 * args.n_kv_heads * args.head_dim + args.dim)
+                                + 3 * args.dim * args.ffn_dim)
+    n_head = args.dim * args.vocab_size
+    return 4 * n_blocks * B * T + 4 * n_head * scored + 12 * args.n_layers * args.dim * T * B
+
+
+def run(impl, model, s, device, grad_checkpointing):
+    """Time `steps` optimizer steps after one warm-up step; measure the peak over all of them."""
+    tokens, targets, lens = batch(s["vocab"], s["batch"], s["seq"], s["response"], device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if s["dtype"] == "bf16" else nullcontext()
+    if impl == "para-mini":
+        add_adapter(model, PARA, "bench")
+        model.checkpointing = grad_checkpointing
+        net, step = model, para_step
+    else:
+        import peft
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        hf = hf_twin(model)
+        if grad_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                               target_modules=[x.split(".")[1] for x in list(HF_NAMES.values())[:7]])
+        net, step = peft.get_peft_model(hf, lora), peft_step
+        net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    for p in params:  # master weights of the adapter in fp32, as in train.py
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    live = LiveTensors(*net.parameters(), tokens, targets, lens) if device.type == "cpu" else None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with live or nullcontext():
+        for i in range(1 + s["steps"]):
+            t0 = time.perf_counter()
+            step(net, opt, tokens, targets, lens, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            print(f"{impl} step {i + 1}/{1 + s['steps']}: {times[-1]:.2f} s", file=sys.stderr)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else live.peak
+
+    if impl == "para-mini":
+        remove_adapter(model, "bench")
+        model.checkpointing = False
+    else:
+        net.unload()
+    model.requires_grad_(False)
+    seconds = statistics.median(times[1:])
+    row = {"impl": impl, "method": "para" if impl == "para-mini" else "lora",
+           "tunable_params": sum(p.numel() for p in params), "layers": model.args.n_layers,
+           "step_s": seconds, "tokens_per_s": s["batch"] * s["seq"] / seconds, "peak_mem_gib": peak / 2**30}
+    flops = model_flops(model.args, s["batch"], s["seq"], s["batch"] * s["response"])
+    peak_flops = next((f for name, f in PEAK_BF16_FLOPS.items() if name in s["device"]), None)
+    row["mfu"] = flops / seconds / peak_flops if peak_flops and s["dtype"] == "bf16" else None
+    return row
+
+
+def fit_line(xs, ys):
+    """Least squares y = a + b x -> (a, b, largest |residual|)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    return a, b, max(abs(y - (a + b * x)) for x, y in zip(xs, ys))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Peak memory and tokens/s of PARA fine-tuning (train.py's step) on a "
+                                "LLaMA-2 shape with random weights, beside PEFT LoRA; prints JSON.")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: 7b on CUDA, tiny on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (8)")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (512)")
+    p.add_argument("--response", type=int, default=8, help="scored (response) tokens per sequence (8)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="as train.py --grad-checkpointing")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="backbone dtype, with autocast to it (bf16, as train.py on a GPU)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (3)")
+    p.add_argument("--depths", help="comma-separated layer counts of 2 or more, e.g. 2,3,4: run each and fit peak "
+                   "memory against depth (for a shape the machine cannot hold whole)")
+    p.add_argument("--no-hf", action="store_true", help="skip PEFT LoRA even when installed")
+    p.add_argument("--out", help="also write the JSON here")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    shape = a.shape or ("7b" if device.type == "cuda" else "tiny")
+    depths = [int(d) for d in a.depths.split(",")] if a.depths else [SHAPES[shape].n_layers]
+    if a.depths and (len(set(depths)) < 2 or min(depths) < 2):
+        p.error(f"--depths {a.depths}: give at least two different layer counts, each 2 or more")
+    if a.response < 1 or a.response >= a.seq:
+        p.error(f"--response {a.response} must be at least 1 and shorter than --seq {a.seq}")
+    s = {"batch": a.batch, "seq": a.seq, "response": a.response, "steps": a.steps, "dtype": a.dtype,
+         "vocab": SHAPES[shape].vocab_size, "grad_checkpointing": a.grad_checkpointing,
+         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    with_hf = not a.no_hf
+    if with_hf:
+        try:
+            import peft  # noqa: F401  optional: only for the side-by-side comparison
+            import transformers  # noqa: F401
+        except ImportError as e:
+            print(f"PEFT comparison skipped: {e}", file=sys.stderr)
+            with_hf = False
+
+    rows = []
+    for depth in depths:
+        model = random_model(replace(SHAPES[shape], n_layers=depth), dtype, device)
+        for impl in ("para-mini", "peft") if with_hf else ("para-mini",):
+            rows.append(run(impl, model, s, device, a.grad_checkpointing))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+        del model
+    report = {"shape": shape, "device": s["device"], "threads": torch.get_num_threads(), "settings": s,
+              "methods": {"para": str(PARA), "lora": "PEFT LoRA r=4, alpha=8, on all seven linears"},
+              "definitions": DEFINITIONS, "results": rows,
+              "versions": {"python": platform.python_version(), "torch": torch.__version__}
+              | {n: sys.modules[n].__version__ for n in ("transformers", "peft") if n in sys.modules}}
+    if len(depths) > 1:
+        full = SHAPES[shape].n_layers
+        report["at_full_depth"] = {}
+        for impl in sorted({r["impl"] for r in rows}):
+            xs, ys = zip(*[(r["layers"], r["peak_mem_gib"]) for r in rows if r["impl"] == impl])
+            c, slope, residual = fit_line(xs, ys)
+            report["at_full_depth"][impl] = {"layers": full, "peak_mem_gib": c + slope * full,
+                                             "gib_per_layer": slope, "fit_max_residual_gib": residual}
+    return emit(report, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -222,6 +222,15 @@ def write_result(name: str, title: str, command: str, wall: float, body: str, da
     print(f"written: {RESULTS / name}.md, .json")
 
 
+def run_table(opts, t0, name: str, title: str, rows: list, note: str, **extra):
+    """Train every row, then write the table beside the majority baseline; `extra` goes into the JSON first."""
+    baseline = majority_baseline(opts)
+    results = run_rows(opts, name, rows)
+    write_result(name, title, opts.command, time.time() - t0, result_table(results, baseline),
+                 extra | {"baseline": baseline, "rows": results, "settings": settings_line(opts)},
+                 f"{note}\n{settings_line(opts)}.")
+
+
 def cmd_compare(opts):
     t0 = time.time()
     args = model_args(opts)
@@ -231,13 +240,9 @@ def cmd_compare(opts):
             ("(IA)^3, projected", "ia3", match_budget(args, target, "ia3")),
             ("LoRA", "lora", match_budget(args, target, "lora")),
             ("BitFit, projected", "bitfit", match_budget(args, target, "bitfit"))]
-    baseline = majority_baseline(opts)
-    results = run_rows(opts, f"compare-{opts.data}", rows)
-    note = f"Budget: {target:,} tunable parameters (PARA r=12's count on this model), each method's knob matched " \
-           f"to it.\n{settings_line(opts)}."
-    write_result(f"compare-{opts.data}", f"PARA against the baselines at a matched budget ({opts.data})",
-                 opts.command, time.time() - t0, result_table(results, baseline),
-                 {"target": target, "baseline": baseline, "rows": results, "settings": settings_line(opts)}, note)
+    run_table(opts, t0, f"compare-{opts.data}", f"PARA against the baselines at a matched budget ({opts.data})", rows,
+              f"Budget: {target:,} tunable parameters (PARA r=12's count on this model), each method's knob matched "
+              f"to it.", target=target)
 
 
 def cmd_ablations(opts):
@@ -251,13 +256,9 @@ def cmd_ablations(opts):
             ("PARADE-3 (q,k,v,g,u, r matched)", "parade-3",
              match_budget(args, target, "para", targets=("q", "k", "v", "g", "u"))),
             ("PARADE-4 (q,v, r matched)", "parade-4", match_budget(args, target, "para", targets=("q", "v")))]
-    baseline = majority_baseline(opts)
-    results = run_rows(opts, f"ablations-{opts.data}", rows)
-    note = f"PARADE-3 and PARADE-4 get the r closest to PARADE's {target:,} parameters, as the paper chose r=8 and " \
-           f"r=24 on 7B.\n{settings_line(opts)}."
-    write_result(f"ablations-{opts.data}", f"PARADE's variants (paper Table 6) on {opts.data}", opts.command,
-                 time.time() - t0, result_table(results, baseline),
-                 {"target": target, "baseline": baseline, "rows": results, "settings": settings_line(opts)}, note)
+    run_table(opts, t0, f"ablations-{opts.data}", f"PARADE's variants (paper Table 6) on {opts.data}", rows,
+              f"PARADE-3 and PARADE-4 get the r closest to PARADE's {target:,} parameters, as the paper chose r=8 and "
+              f"r=24 on 7B.", target=target)
 
 
 def cmd_sweep(opts):
@@ -266,13 +267,9 @@ def cmd_sweep(opts):
     for r in opts.r:
         K = 4 if r % 4 == 0 else 3  # the capsule pooler needs K | r: K=4 as in the paper where it divides r, else 3
         rows.append((f"PARADE r={r}", f"r{r}", AdapterConfig("para", r=r, K=K)))
-    baseline = majority_baseline(opts)
-    results = run_rows(opts, f"sweep-{opts.data}", rows)
-    note = f"The bottleneck r of paper Figure 2 (r=12 is the paper's default). The capsule pooler splits r into K " \
-           f"capsules, so K=4 where 4 divides r and K=3 for r=3 and 6.\n{settings_line(opts)}."
-    write_result(f"sweep-{opts.data}", f"PARADE's bottleneck r (paper Figure 2) on {opts.data}", opts.command,
-                 time.time() - t0, result_table(results, baseline),
-                 {"baseline": baseline, "rows": results, "settings": settings_line(opts)}, note)
+    run_table(opts, t0, f"sweep-{opts.data}", f"PARADE's bottleneck r (paper Figure 2) on {opts.data}", rows,
+              "The bottleneck r of paper Figure 2 (r=12 is the paper's default). The capsule pooler splits r into K "
+              "capsules, so K=4 where 4 divides r and K=3 for r=3 and 6.")
 
 
 # ---------------------------------------------------------------------------------- inside PARA: the vectors

@@ -44,6 +44,8 @@ def parse_args(argv=None):
     g.add_argument("--max-train", type=int, help="use only the first N training examples (after shuffling)")
     g.add_argument("--max-eval", type=int, help="evaluate on at most N dev / test examples")
     g.add_argument("--max-len", type=int, default=512, help="tokens per example; passages are cut to fit (512)")
+    g.add_argument("--system", default=SYSTEM_PROMPT,
+                   help="the chat template's system prompt (default: the paper's, Appendix C); \"\" for none")
     g = p.add_argument_group("model")
     g.add_argument("--weights", required=True, help="checkpoint: HF or Meta directory, llama2.c .bin / .pt")
     g.add_argument("--tokenizer", help="tokenizer.model (default: found beside or inside --weights)")
@@ -164,8 +166,8 @@ def atomic_save(obj, path):
 
 
 # The settings a resumed run must share with the interrupted one, or it would not continue the same run.
-SAME_RUN = ("data", "dev", "task", "max_train", "max_eval", "max_len", "weights", "method", "targets", "r", "pooler",
-            "K", "lora_alpha", "proj", "lr", "weight_decay", "warmup", "epochs", "max_steps", "batch_size",
+SAME_RUN = ("data", "dev", "task", "max_train", "max_eval", "max_len", "system", "weights", "method", "targets", "r",
+            "pooler", "K", "lora_alpha", "proj", "lr", "weight_decay", "warmup", "epochs", "max_steps", "batch_size",
             "grad_accum", "clip", "eval_every", "patience", "seed")
 
 
@@ -225,7 +227,7 @@ def train(args, on_step=None):
     if args.max_len > model.args.max_seq_len:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     model.checkpointing = args.grad_checkpointing
-    system = SYSTEM_PROMPT
+    system = args.system
     train_pairs, cut = tokenize(train_ex, tok, args.max_len, system)
     dev_pairs, dev_cut = tokenize(dev_ex[:args.max_eval], tok, args.max_len, system)
     print(f"task {task}: {len(train_pairs)} train / {len(dev_pairs)} dev / {len(test_ex or [])} test examples; "

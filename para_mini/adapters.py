@@ -1,8 +1,8 @@
 # Adapters as files: create one, attach it, save it, load it (DESIGN.md, "Adapter files").
 #
-# Inside the model every adapter parameter has a leading tenant dimension, and adapters with the same settings
-# share one "bank" (the same modules, one slot per tenant), so a batch can mix tenants by gathering rows.
-# A file holds one tenant: the bank's tensors at its slot, under layers.{i}.<prefix>.<parameter>.
+# Adapters with the same settings share one "bank" in every layer, an nn.ModuleList with one module per tenant, so
+# a batch can mix tenants (serving.py). A file holds one tenant: its module's tensors, under
+# layers.{i}.<prefix>.<parameter>.
 import dataclasses
 import itertools
 import json
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .model import LINEARS, METHODS, AdapterConfig, ModelArgs, Transformer
 
@@ -34,16 +35,13 @@ def add_adapter(model: Transformer, config: AdapterConfig, name: str = "default"
     if bank is None:
         bank = next(f"{config.method}{i}" for i in itertools.count() if f"{config.method}{i}" not in banks)
         for layer in model.layers:
-            layer.adapters[bank] = METHODS[config.method](1, model.args, config).to(device)
+            layer.adapters[bank] = nn.ModuleList()
             layer.adapters[bank].config = config
-        slot = 0
-    else:
-        slot = next(model.layers[0].adapters[bank].parameters()).shape[0]
-        for layer in model.layers:  # grow every tensor of the bank by one freshly initialised tenant
-            fresh = METHODS[config.method](1, model.args, config).to(device)
-            for (_, p), (_, f) in zip(layer.adapters[bank].named_parameters(), fresh.named_parameters()):
-                p.data = torch.cat([p.data, f.data.to(p.dtype)])
-    model.tenants[name] = (bank, slot)
+    for layer in model.layers:  # one freshly initialised tenant per layer, in the bank's dtype
+        tenants = layer.adapters[bank]
+        fresh = METHODS[config.method](model.args, config).to(device)
+        tenants.append(fresh.to(next(tenants[0].parameters()).dtype) if len(tenants) else fresh)
+    model.tenants[name] = (bank, len(banks[bank]) - 1)
     for n, p in model.named_parameters():
         p.requires_grad_(".adapters." in n)
     return name
@@ -58,8 +56,8 @@ def adapter_state(model: Transformer, name: str) -> dict:
     """The tenant's tensors under their file names, e.g. layers.0.vg.down.weight -> [r, dim]."""
     bank, slot = model.tenants[name]
     prefix = PREFIX[adapter_config(model, name).method]
-    return {f"layers.{i}.{prefix}.{k}": p[slot]
-            for i, layer in enumerate(model.layers) for k, p in layer.adapters[bank].named_parameters()}
+    return {f"layers.{i}.{prefix}.{k}": p
+            for i, layer in enumerate(model.layers) for k, p in layer.adapters[bank][slot].named_parameters()}
 
 
 def save_adapter(model: Transformer, path, name: str = None):
@@ -126,8 +124,7 @@ def remove_adapter(model: Transformer, name: str):
             del layer.adapters[bank]
         return
     for layer in model.layers:
-        for p in layer.adapters[bank].parameters():
-            p.data = torch.cat([p.data[:slot], p.data[slot + 1:]])
+        del layer.adapters[bank][slot]
     model.tenants = {n: (b, s - (b == bank and s > slot)) for n, (b, s) in model.tenants.items()}
 
 
@@ -143,10 +140,10 @@ def merge_lora(model: Transformer, name: str = None):
     bank, slot = model.tenants[name]
     with torch.no_grad():
         for layer in model.layers:
-            lora = layer.adapters[bank]
+            lora = layer.adapters[bank][slot]
             for site in lora.A:
                 W = layer.get_submodule(LINEARS[site]).weight
-                W += (lora.scaling * lora.B[site][slot] @ lora.A[site][slot]).to(W.dtype)
+                W += (lora.scaling * lora.B[site] @ lora.A[site]).to(W.dtype)
     remove_adapter(model, name)
 
 
@@ -160,4 +157,4 @@ def _only_tenant(model):
 def count_parameters(args: ModelArgs, config: AdapterConfig) -> int:
     """Tunable parameters of one adapter on a model of shape `args` (built on the meta device: no memory)."""
     with torch.device("meta"):
-        return args.n_layers * sum(p.numel() for p in METHODS[config.method](1, args, config).parameters())
+        return args.n_layers * sum(p.numel() for p in METHODS[config.method](args, config).parameters())

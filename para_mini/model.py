@@ -1,18 +1,19 @@
 # LLaMA-2 with PARA / PARADE, in the order of the paper (parade_paper.txt, Section 3):
 # config, norm and RoPE, attention (Eq. 1, 4), FFN (Eq. 2, 5), vector generator (Eq. 3, 6),
-# attentional capsule pooler (Eq. 7-10), the baselines beside it, block, model.
+# attentional capsule pooler (Eq. 7-10), block, model; then the baselines LoRA, (IA)^3 and BitFit.
 #
 # Layout: the weights follow Hugging Face's rotate-half RoPE layout, so HF checkpoints load as they are and
 # Meta / llama2.c checkpoints get their wq / wk rows permuted once on load (loading.py).
-# Adapters keep a leading "tenant" dimension on every parameter, so one backbone serves many adapters in one
-# batch by gathering each row's weights; a single fine-tuning run is just one tenant.
+# Caching, and serving many adapters in one batch, live in serving.py: here a fine-tuning run has one adapter.
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .serving import Cache, KVCache, Prompt, Vectors, make_vectors, resolve_slots
 
 
 @dataclass
@@ -49,6 +50,88 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)  # 7B: 11008
 
+
+
+# ----------------------------------------------------------------------------------------------- norm and RoPE
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()  # in fp32, as Hugging Face does, so bf16 models agree with it
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, device=None):
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))  # [head_dim / 2]
+
+
+def rope(positions, head_dim: int, theta: float):
+    """cos and sin for rotate-half RoPE at integer positions [B, T] -> [B, T, head_dim] each, in fp32."""
+    angles = positions[..., None].float() * rope_frequencies(head_dim, theta, positions.device)  # [B, T, hd / 2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: [B, H, T, hd]; rotate-half pairs channel i with i + hd/2 (the Hugging Face layout); at least fp32
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = h.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return (h * cos + rotated * sin).to(x.dtype)
+
+# --------------------------------------------------------------------------------------------------- attention
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, l: Vectors, cache: Optional[KVCache] = None, start: int = 0):
+        # l: this layer's vectors, made from the prompt (Block.forward); l["q"] is l_q, and so on
+        B, T, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # Eq. (1): Q = xW^Q, K = xW^K, V = xW^V
+        q, k, v = l.add("q", x, q), l.add("k", x, k), l.add("v", x, v)  # the baselines' LoRA / BitFit terms
+        q, k, v = l["q"] * q, l["k"] * k, l["v"] * v  # Eq. (4): Q' = l_q * Q, V' = l_v * V (l_k: PARADE-3)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, n_heads, T, head_dim]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, n_kv_heads, T, head_dim]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # PARA scales Q before RoPE (DESIGN.md)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # [B, n_kv_heads, start + T, head_dim]
+        # Eq. (1) / (4): softmax(Q'K^T / sqrt(head_dim)) V'; each KV head serves n_heads / n_kv_heads query heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, n_heads * head_dim]
+        return l("o", out, self.wo(out))  # the baselines may touch W^O; PARA does not
+
+
+# --------------------------------------------------------------------------------------------------------- FFN
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # W^G, the Gate
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # W^U, the Up
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # W^D, the Down
+
+    def forward(self, x, l: Vectors):
+        G, U = l.add("g", x, self.w1(x)), l.add("u", x, self.w3(x))  # G = xW^G, U = xW^U (+ the baselines' terms)
+        G, U = l["g"] * G, l["u"] * U  # Eq. (5): U' = l_u * U (G' = l_g * G: PARADE-3)
+        h = F.silu(G) * U  # Eq. (2): (g(G) * U) W^D
+        return l("d", h, self.w2(h))
+
+
+# ------------------------------------------------------------------------------------------------ PARA / PARADE
 
 # The seven projections an adapter can touch. q, k, v, g, u are the paper's Query, Key, Value, Gate and Up;
 # o and d are the attention output and FFN Down projections (LoRA and BitFit may use them).
@@ -94,172 +177,9 @@ def site_dims(args: ModelArgs) -> dict:
             "g": (args.dim, ffn), "u": (args.dim, ffn), "d": (ffn, args.dim)}
 
 
-# ----------------------------------------------------------------------------------------------- norm and RoPE
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        h = x.float()  # in fp32, as Hugging Face does, so bf16 models agree with it
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def rope_frequencies(head_dim: int, theta: float, device=None):
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))  # [head_dim / 2]
-
-
-def rope(positions, head_dim: int, theta: float):
-    """cos and sin for rotate-half RoPE at integer positions [B, T] -> [B, T, head_dim] each, in fp32."""
-    angles = positions[..., None].float() * rope_frequencies(head_dim, theta, positions.device)  # [B, T, hd / 2]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x, cos, sin):
-    # x: [B, H, T, hd]; rotate-half pairs channel i with i + hd/2 (the Hugging Face layout); at least fp32
-    h = x.to(torch.promote_types(x.dtype, torch.float32))
-    x1, x2 = h.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    return (h * cos + rotated * sin).to(x.dtype)
-
-
-# ------------------------------------------------------------------------------------------ per-row adjustment
-
-class Adjustment:
-    """What the adapters do to one layer's projections, row by row: y = (x W + x A^T B^T + b) * l.
-
-    It is resolved once per prompt (PARA's vectors need the prompt) and kept next to the KV cache, so decoding
-    a token costs one multiply per adjusted projection for PARA and (IA)^3, and one low-rank product for LoRA.
-    Tensors have a leading row dimension of B, or 1 when every row shares them.
-    """
-
-    def __init__(self):
-        self.scale = {}  # site -> [B|1, 1, d_out]: PARA's l_q, l_v, l_u ... and (IA)^3's vectors
-        self.bias = {}  # site -> [B|1, 1, d_out]: BitFit
-        self.lora = {}  # site -> [(A [B|1, r, d_in], B [B|1, d_out, r]), ...] with alpha / r folded into B
-
-    def __call__(self, site: str, x, y):
-        for A, B in self.lora.get(site, ()):
-            y = y + (x @ A.mT) @ B.mT
-        if site in self.bias:
-            y = y + self.bias[site]
-        if site in self.scale:
-            y = y * self.scale[site]
-        return y
-
-    def add_scale(self, site, l):
-        self.scale[site] = self.scale[site] * l if site in self.scale else l
-
-    def add_bias(self, site, b):
-        self.bias[site] = self.bias[site] + b if site in self.bias else b
-
-    def add_lora(self, site, A, B):
-        self.lora.setdefault(site, []).append((A, B))
-
-    def reorder(self, index):
-        """Keep the rows `index` (beam search reorders hypotheses; the KV cache moves with them)."""
-        pick = lambda t: t if t.shape[0] == 1 else t.index_select(0, index)
-        self.scale = {s: pick(t) for s, t in self.scale.items()}
-        self.bias = {s: pick(t) for s, t in self.bias.items()}
-        self.lora = {s: [(pick(A), pick(B)) for A, B in ab] for s, ab in self.lora.items()}
-
-
-class KVCache(nn.Module):
-    """One layer's keys and values, preallocated for max_len positions, plus the layer's resolved Adjustment."""
-
-    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.adjust: Optional[Adjustment] = None  # set at prefill, reused at every decoded token
-
-    def update(self, start: int, k, v):
-        end = start + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"the KV cache holds {self.k.shape[2]} positions; position {end} was asked for")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-class Cache:
-    """The model's cache: a KVCache per layer, each row's left padding, and how many positions are filled."""
-
-    def __init__(self, layers, pad):
-        self.layers, self.pad, self.pos = layers, pad, 0
-
-    def reorder(self, index):
-        if self.pos == 0:
-            raise ValueError("reorder a cache after its prefill: before it there is nothing to reorder")
-        for c in self.layers:
-            c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
-            c.adjust.reorder(index)
-        self.pad = self.pad.index_select(0, index)
-
-
-# --------------------------------------------------------------------------------------------------- attention
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-
-    def forward(self, x, cos, sin, mask, adjust, cache: Optional[KVCache] = None, start: int = 0):
-        B, T, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # Eq. (1): Q = xW^Q, K = xW^K, V = xW^V
-        q, k, v = adjust("q", x, q), adjust("k", x, k), adjust("v", x, v)  # Eq. (4): Q' = l_q * Q, V' = l_v * V
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, n_heads, T, head_dim]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, n_kv_heads, T, head_dim]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # PARA scales Q before RoPE (DESIGN.md)
-        if cache is not None:
-            k, v = cache.update(start, k, v)  # [B, n_kv_heads, start + T, head_dim]
-        # Eq. (1) / (4): softmax(Q'K^T / sqrt(head_dim)) V'; each KV head serves n_heads / n_kv_heads query heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
-        out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, n_heads * head_dim]
-        return adjust("o", out, self.wo(out))
-
-
-# --------------------------------------------------------------------------------------------------------- FFN
-
-class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # W^G, the Gate
-        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # W^U, the Up
-        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # W^D, the Down
-
-    def forward(self, x, adjust):
-        G = adjust("g", x, self.w1(x))
-        U = adjust("u", x, self.w3(x))  # Eq. (5): U' = l_u * U
-        h = F.silu(G) * U  # Eq. (2): (g(G) * U) W^D
-        return adjust("d", h, self.w2(h))
-
-
-# ------------------------------------------------------------------------------------------------ PARA / PARADE
-
-def per_row(p, slots):
-    """A tenant-stacked parameter [n, ...] -> each row's own [B, ...] (rows outside the bank get tenant 0, then
-    only_tenants restores the identity there); slots None means one tenant for every row, kept as [1, ...]."""
-    return p[:1] if slots is None else p[slots.clamp(min=0)]
-
-
-def only_tenants(t, slots, identity: float):
-    """t [B|1, ...] with `identity` at the rows that use no tenant of this bank (slot -1)."""
-    if slots is None:
-        return t  # every row is the bank's one tenant
-    return t.masked_fill((slots < 0).view(-1, *[1] * (t.dim() - 1)), identity)
+def linear(d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
+    # made empty, to be initialised as the paper says: nn.Linear's own init would draw random numbers we throw away
+    return nn.Linear(d_in, d_out, bias=bias, device="meta").to_empty(device=torch.get_default_device())
 
 
 class VectorGenerator(nn.Module):
@@ -268,31 +188,29 @@ class VectorGenerator(nn.Module):
     At initialisation W_up = 0 and b_up = 1, so every vector is ones and the model is exactly the base model.
     """
 
-    def __init__(self, n: int, args: ModelArgs, cfg: AdapterConfig):
+    def __init__(self, args: ModelArgs, cfg: AdapterConfig):
         super().__init__()
-        self.sizes = [site_dims(args)[t][1] for t in cfg.targets]
         self.targets, self.pooler = cfg.targets, cfg.pooler
-        self.down = nn.ParameterDict({"weight": nn.Parameter(torch.randn(n, cfg.r, args.dim) * 0.02)})
-        self.up = nn.ParameterDict({"weight": nn.Parameter(torch.zeros(n, sum(self.sizes), cfg.r)),
-                                    "bias": nn.Parameter(torch.ones(n, sum(self.sizes)))})
+        self.sizes = [site_dims(args)[t][1] for t in cfg.targets]  # d_out = dim(q) + dim(v) + d_ffn
+        self.down = linear(args.dim, cfg.r)  # W_down
+        self.up = linear(cfg.r, sum(self.sizes), bias=True)  # W_up, b_up
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.up.weight)
+        nn.init.ones_(self.up.bias)
         if cfg.pooler in ("capsule", "routing"):
-            self.pool = CapsulePooler(n, cfg.r, cfg.K, attentional=cfg.pooler == "capsule")
+            self.pool = CapsulePooler(cfg.r, cfg.K, attentional=cfg.pooler == "capsule")
 
-    def forward(self, h, mask, slots=None):
-        # h: the attention RMSNorm output of the layer [B, T, dim] (DESIGN 1); mask: [B, T] prompt tokens
-        W_down = per_row(self.down.weight, slots)
-        h = h.to(W_down.dtype) @ W_down.mT  # h' = h W_down                                     [B, T, r]
+    def forward(self, h, mask):
+        # h: the attention RMSNorm output of the layer [B, T, dim] (DESIGN 1); mask: [B, T] prompt tokens.
+        # The weights broadcast over the batch; a batch mixing tenants gives each row its own (serving.py).
+        W_down, W_up, b_up = self.down.weight, self.up.weight, self.up.bias
+        h_prime = h.to(W_down.dtype) @ W_down.mT  # h' = h W_down                                  [B, T, r]
         if self.pooler in ("capsule", "routing"):
-            z = self.pool(h, mask, slots)  # Eq. (7)-(10)                                       [B, r]
+            z = self.pool(h_prime, mask)  # Eq. (7)-(10)                                            [B, r]
         else:
-            z = pool_last(h, mask) if self.pooler == "last" else pool_mean(h, mask)
-        W_up, b_up = per_row(self.up.weight, slots), per_row(self.up.bias, slots)
-        l = F.gelu(z)[:, None] @ W_up.mT + b_up[:, None]  # Eq. (6): l = g(Pooler(h W_down)) W_up + b_up  [B, 1, d_out]
+            z = pool_last(h_prime, mask) if self.pooler == "last" else pool_mean(h_prime, mask)
+        l = F.gelu(z)[:, None] @ W_up.mT + b_up[..., None, :]  # Eq. (6): l = g(Pooler(h W_down)) W_up + b_up
         return dict(zip(self.targets, l.split(self.sizes, dim=-1)))  # Eq. (3), (6): l_q, l_v, l_u = Split(l)
-
-    def adjust(self, adj: Adjustment, h, mask, slots):
-        for site, l in self(h, mask, slots).items():
-            adj.add_scale(site, only_tenants(l.to(h.dtype), slots, 1.0))
 
 
 def pool_last(h, mask):
@@ -308,19 +226,20 @@ def pool_mean(h, mask):
 class CapsulePooler(nn.Module):
     """The attentional capsule pooler (Eq. 7-10): T_ins input capsules h'_j -> K output capsules of r / K."""
 
-    def __init__(self, n: int, r: int, K: int, attentional: bool):
+    def __init__(self, r: int, K: int, attentional: bool):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(n, K, r, r // K) * 0.02)  # W_k^cap, one per output capsule
+        self.weight = nn.Parameter(torch.randn(K, r, r // K) * 0.02)  # W_k^cap, one per output capsule
         # v_k: PARADE initialises the routing logits with attention; PARADE-2 ("routing") starts them at zero
-        self.query = nn.Parameter(torch.randn(n, K, r) * 0.02) if attentional else None
+        self.query = nn.Parameter(torch.randn(K, r) * 0.02) if attentional else None
 
-    def forward(self, h, mask, slots):
-        # h: h' [B, T, r]; mask: [B, T] True at prompt tokens
-        m = h[:, None] @ per_row(self.weight, slots)  # Eq. (7): m_{j->k} = h'_j W_k^cap     [B, K, T, r/K]
-        if self.query is not None:
-            logits = per_row(self.query, slots) @ h.mT  # Eq. (9): m_jk = v_k^T h'_j           [B, K, T]
+    def forward(self, h_prime, mask):
+        # h_prime: h' [B, T, r]; mask: [B, T] True at prompt tokens
+        W_cap, v_k = self.weight, self.query
+        m = h_prime[:, None] @ W_cap  # Eq. (7): m_{j->k} = h'_j W_k^cap                          [B, K, T, r/K]
+        if v_k is not None:
+            logits = v_k @ h_prime.mT  # Eq. (9): m_jk = v_k^T h'_j                                [B, K, T]
         else:
-            logits = h.new_zeros(h.shape[0], m.shape[1], h.shape[1])
+            logits = h_prime.new_zeros(h_prime.shape[0], m.shape[1], h_prime.shape[1])
         c = self.capsules(logits, m, mask)
         logits = logits + (m @ c[..., None]).squeeze(-1)  # Eq. (10): m_jk <- m_jk + c_k . m_{j->k} (DESIGN 2)
         c = self.capsules(logits, m, mask)
@@ -339,79 +258,6 @@ def squash(s):
     return s * norm2.clamp_min(1e-12).sqrt() / (1 + norm2)  # the clamp keeps the gradient of sqrt finite at 0
 
 
-# ------------------------------------------------------------------------- the baselines, side by side with PARA
-
-def init_vectors(module, n: int, args: ModelArgs, cfg: AdapterConfig, fill: float):
-    """(IA)^3's and BitFit's learned vectors, one per target, starting at `fill` (the identity). With cfg.proj > 0,
-    the paper's variant that gives them a budget like the other methods' (Section 4.1): each vector is made from a
-    learned proj-dim vector z through a learned projection, fill + z W_proj (z starts at 0, as LoRA's B does)."""
-    dims = site_dims(args)
-    module.fill, module.proj = fill, None
-    if not cfg.proj:
-        module.vectors = nn.ParameterDict({t: nn.Parameter(torch.full((n, dims[t][1]), fill)) for t in cfg.targets})
-        return
-    module.z = nn.ParameterDict({t: nn.Parameter(torch.zeros(n, cfg.proj)) for t in cfg.targets})
-    module.proj = nn.ParameterDict({t: nn.Parameter(torch.randn(n, cfg.proj, dims[t][1]) * 0.02)
-                                    for t in cfg.targets})
-
-
-def row_vectors(module, slots, dtype):
-    """site -> each row's vector [B|1, 1, d_out]."""
-    if module.proj is None:
-        return {site: per_row(v, slots)[:, None].to(dtype) for site, v in module.vectors.items()}
-    return {site: (module.fill + per_row(z, slots)[:, None] @ per_row(module.proj[site], slots)).to(dtype)
-            for site, z in module.z.items()}
-
-
-class IA3(nn.Module):
-    """(IA)^3: one learned vector per target, the same for every prompt (PARA with W_up = 0, b_up = the vector).
-
-    Scaling U is the original's scaling of the FFN intermediate: (g(G) * U * l) W^D = (g(G) * (l * U)) W^D.
-    """
-
-    def __init__(self, n: int, args: ModelArgs, cfg: AdapterConfig):
-        super().__init__()
-        init_vectors(self, n, args, cfg, fill=1.0)
-
-    def adjust(self, adj, h, mask, slots):
-        for site, l in row_vectors(self, slots, h.dtype).items():
-            adj.add_scale(site, only_tenants(l, slots, 1.0))
-
-
-class LoRA(nn.Module):
-    """LoRA: y = xW + (alpha / r) x A^T B^T, unmerged, so each row of a batch can carry its own A and B."""
-
-    def __init__(self, n: int, args: ModelArgs, cfg: AdapterConfig):
-        super().__init__()
-        dims = site_dims(args)
-        self.scaling = cfg.alpha / cfg.r
-        self.A = nn.ParameterDict({t: nn.Parameter(torch.empty(n, cfg.r, dims[t][0])) for t in cfg.targets})
-        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(n, dims[t][1], cfg.r)) for t in cfg.targets})
-        for A in self.A.values():
-            for a in A.data:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT and the LoRA paper's code do
-
-    def adjust(self, adj, h, mask, slots):
-        for site in self.A:
-            A, B = per_row(self.A[site], slots).to(h.dtype), per_row(self.B[site], slots).to(h.dtype)
-            adj.add_lora(site, A, only_tenants(B * self.scaling, slots, 0.0))
-
-
-class BitFit(nn.Module):
-    """BitFit-style learned bias vectors added to the chosen projections (LLaMA-2 has no biases of its own)."""
-
-    def __init__(self, n: int, args: ModelArgs, cfg: AdapterConfig):
-        super().__init__()
-        init_vectors(self, n, args, cfg, fill=0.0)
-
-    def adjust(self, adj, h, mask, slots):
-        for site, b in row_vectors(self, slots, h.dtype).items():
-            adj.add_bias(site, only_tenants(b, slots, 0.0))
-
-
-METHODS = {"para": VectorGenerator, "ia3": IA3, "lora": LoRA, "bitfit": BitFit}
-
-
 # ------------------------------------------------------------------------------------------------ block, model
 
 class Block(nn.Module):
@@ -421,27 +267,18 @@ class Block(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
-        self.adapters = nn.ModuleDict()  # bank name -> VectorGenerator / IA3 / LoRA / BitFit with stacked tenants
+        self.adapters = nn.ModuleDict()  # bank name -> one VectorGenerator / IA3 / LoRA / BitFit per tenant
 
-    def forward(self, x, cos, sin, mask, prompt, cache: Optional[KVCache] = None, start: int = 0):
+    def forward(self, x, cos, sin, mask, prompt: Optional[Prompt], cache: Optional[KVCache] = None, start=0):
         h = self.attention_norm(x)
-        if cache is not None and cache.adjust is not None:
-            adjust = cache.adjust  # decoding: the vectors were made at prefill; the VG is not called again
+        if prompt is None:
+            l = cache.vectors  # decoding: the vectors were made at prefill; the VG is not called again
         else:
-            adjust = Adjustment()
-            for name, adapter in self.adapters.items():
-                if name in prompt.slots:  # Eq. (3): the VG reads the prompt's hidden states h at this layer
-                    adapter.adjust(adjust, h, prompt.mask, prompt.slots[name])
+            l = make_vectors(self.adapters, h, prompt)  # Eq. (3): the VG reads the prompt's h at this layer
             if cache is not None:
-                cache.adjust = adjust
-        x = x + self.attention(h, cos, sin, mask, adjust, cache, start)
-        return x + self.feed_forward(self.ffn_norm(x), adjust)
-
-
-@dataclass
-class Prompt:
-    mask: Optional[torch.Tensor]  # [B, T] True at the prompt tokens PARA pools
-    slots: dict = field(default_factory=dict)  # bank name -> [B] tenant index per row (-1: none), or None: all rows 0
+                cache.vectors = l
+        x = x + self.attention(h, cos, sin, mask, l, cache, start)
+        return x + self.feed_forward(self.ffn_norm(x), l)
 
 
 class Transformer(nn.Module):
@@ -455,12 +292,6 @@ class Transformer(nn.Module):
         self.tenants = {}  # adapter name -> (bank name, slot); filled by para_mini.adapters
         self.checkpointing = False  # recompute each block in the backward pass to save activation memory
 
-    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> Cache:
-        a, p = self.args, self.output.weight
-        max_len = max_len or a.max_seq_len
-        layers = [KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, p.dtype, p.device) for _ in self.layers]
-        return Cache(layers, torch.zeros(batch_size, dtype=torch.long, device=p.device))
-
     def forward(self, tokens, prompt_lens=None, pad=None, cache: Optional[Cache] = None, adapters=None,
                 logits_at=None):
         """tokens [B, T] -> logits [B, T, vocab].
@@ -473,30 +304,12 @@ class Transformer(nn.Module):
             product of a short sequence: an index or slice along T (generation's prefill: slice(-1, None) ->
             [B, 1, vocab]) or a bool mask [B, T] (training: the response tokens -> [N, vocab], row by row).
         """
-        B, T = tokens.shape
-        device = tokens.device
         start = 0 if cache is None else cache.pos
-        if cache is not None and start == 0 and pad is not None:
-            cache.pad = pad.to(device)
-        pad = cache.pad if cache is not None else pad
-
-        idx = start + torch.arange(T, device=device)  # position in the sequence buffer
-        positions = idx[None].expand(B, T) if pad is None else (idx[None] - pad[:, None]).clamp(min=0)
-        cos, sin = rope(positions, self.args.head_dim, self.args.rope_theta)
-        mask = None
-        if pad is not None or start > 0:
-            keys = torch.arange(start + T, device=device)
-            first = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
-            mask = (keys[None, None] <= idx[None, :, None]) & (keys[None, None] >= first[:, None, None])
-            mask = (mask | (keys[None, None] == idx[None, :, None]))[:, None]  # padding sees itself: no 0/0
-        prompt = Prompt(None)
-        if start == 0:
-            slots = self.resolve_slots(adapters, B)
-            if prompt_lens is None and any(self.layers[0].adapters[b].config.method == "para" for b in slots):
-                raise ValueError("PARA pools the prompt: pass prompt_lens, each row's prompt length, so that the "
-                                 "response and padding never enter the vector generator")
-            prompt = Prompt(self.prompt_mask(B, T, prompt_lens, pad, device), slots)
-
+        if cache is not None:
+            cache.pad = pad.to(tokens.device) if start == 0 and pad is not None else cache.pad
+            pad = cache.pad
+        cos, sin, mask = self.positions(tokens.shape, start, pad, tokens.device)
+        prompt = self.prompt(tokens.shape, prompt_lens, pad, adapters, tokens.device) if start == 0 else None
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             c = None if cache is None else cache.layers[i]
@@ -506,38 +319,108 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, prompt, c, start)
         if cache is not None:
-            cache.pos += T
+            cache.pos += tokens.shape[1]
         if logits_at is not None:  # select before the norm: it is per position, so the result is the same
             h = h[logits_at] if isinstance(logits_at, torch.Tensor) else h[:, logits_at]
         return self.output(self.norm(h))
 
-    @staticmethod
-    def prompt_mask(B, T, prompt_lens, pad, device):
+    def positions(self, shape, start: int, pad, device):
+        """RoPE's cos, sin at each token's position, and the attention mask (None: plain causal)."""
+        B, T = shape
+        idx = start + torch.arange(T, device=device)  # position in the sequence buffer
+        positions = idx[None].expand(B, T) if pad is None else (idx[None] - pad[:, None]).clamp(min=0)
+        cos, sin = rope(positions, self.args.head_dim, self.args.rope_theta)
+        if pad is None and start == 0:
+            return cos, sin, None
+        keys = torch.arange(start + T, device=device)
+        first = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
+        mask = (keys[None, None] <= idx[None, :, None]) & (keys[None, None] >= first[:, None, None])
+        return cos, sin, (mask | (keys[None, None] == idx[None, :, None]))[:, None]  # padding sees itself: no 0/0
+
+    def prompt(self, shape, prompt_lens, pad, adapters, device) -> Prompt:
+        """Which tokens PARA pools, and which adapter each row uses."""
+        B, T = shape
+        slots = resolve_slots(self.tenants, adapters, B, self.output.weight.device)
         if prompt_lens is None:
-            return None
+            if any(self.layers[0].adapters[b].config.method == "para" for b in slots):
+                raise ValueError("PARA pools the prompt: pass prompt_lens, each row's prompt length, so that the "
+                                 "response and padding never enter the vector generator")
+            return Prompt(None, slots)
         t = torch.arange(T, device=device)[None]
         first = torch.zeros(B, 1, dtype=torch.long, device=device) if pad is None else pad[:, None].to(device)
         prompt_lens = torch.as_tensor(prompt_lens, device=device)
         if (prompt_lens < 1).any() or (first[:, 0] + prompt_lens > T).any():
             raise ValueError(f"prompt_lens {prompt_lens.tolist()} must be >= 1 and fit in {T} tokens after padding")
-        return (t >= first) & (t < first + prompt_lens[:, None])
+        return Prompt((t >= first) & (t < first + prompt_lens[:, None]), slots)
 
-    def resolve_slots(self, adapters, B):
-        """Which tenant of which bank each row uses."""
-        if adapters is None:
-            if len(self.tenants) > 1:
-                raise ValueError(f"{len(self.tenants)} adapters are attached ({', '.join(self.tenants)}): "
-                                 "pass adapters=[name or None per row]")
-            return {bank: None for bank, _ in self.tenants.values()}  # the single adapter, shared by every row
-        if len(adapters) != B:
-            raise ValueError(f"adapters names {len(adapters)} rows, the batch has {B}")
-        unknown = sorted({a for a in adapters if a is not None and a not in self.tenants})
-        if unknown:
-            raise KeyError(f"unknown adapter(s) {unknown}; attached: {sorted(self.tenants) or 'none'}")
-        slots = {}
-        for row, name in enumerate(adapters):
-            if name is not None:
-                bank, slot = self.tenants[name]
-                slots.setdefault(bank, [-1] * B)[row] = slot
-        device = self.output.weight.device
-        return {bank: torch.tensor(s, device=device) for bank, s in slots.items()}
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> Cache:
+        a, p = self.args, self.output.weight
+        max_len = max_len or a.max_seq_len
+        layers = [KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, p.dtype, p.device) for _ in self.layers]
+        return Cache(layers, torch.zeros(batch_size, dtype=torch.long, device=p.device))
+
+
+# ------------------------------------------------------------------------- the baselines, beside PARA
+
+def init_vectors(module, args: ModelArgs, cfg: AdapterConfig, fill: float):
+    """(IA)^3's and BitFit's learned vectors, one per target, starting at `fill` (the identity). With cfg.proj > 0,
+    the paper's variant that gives them a budget like the other methods' (Section 4.1): each vector is made from a
+    learned proj-dim vector z through a learned projection, fill + z W_proj (z starts at 0, as LoRA's B does)."""
+    dims = site_dims(args)
+    module.fill, module.proj = fill, None
+    if not cfg.proj:
+        module.vectors = nn.ParameterDict({t: nn.Parameter(torch.full((dims[t][1],), fill)) for t in cfg.targets})
+        return
+    module.z = nn.ParameterDict({t: nn.Parameter(torch.zeros(cfg.proj)) for t in cfg.targets})
+    module.proj = nn.ParameterDict({t: nn.Parameter(torch.randn(cfg.proj, dims[t][1]) * 0.02) for t in cfg.targets})
+
+
+def learned_vectors(module):
+    """site -> the learned vector [1, d_out] ([B, 1, d_out] when each row has its own)."""
+    if module.proj is None:
+        return {site: v.unsqueeze(-2) for site, v in module.vectors.items()}
+    return {site: module.fill + z.unsqueeze(-2) @ module.proj[site] for site, z in module.z.items()}
+
+
+class IA3(nn.Module):
+    """(IA)^3: one learned vector per target, the same for every prompt (PARA with W_up = 0, b_up = the vector).
+
+    Scaling U is the original's scaling of the FFN intermediate: (g(G) * U * l) W^D = (g(G) * (l * U)) W^D.
+    """
+
+    def __init__(self, args: ModelArgs, cfg: AdapterConfig):
+        super().__init__()
+        init_vectors(self, args, cfg, fill=1.0)
+
+    def forward(self, h=None, mask=None):
+        return learned_vectors(self)  # site -> l, whatever the prompt
+
+
+class BitFit(nn.Module):
+    """BitFit-style learned bias vectors added to the chosen projections (LLaMA-2 has no biases of its own)."""
+
+    def __init__(self, args: ModelArgs, cfg: AdapterConfig):
+        super().__init__()
+        init_vectors(self, args, cfg, fill=0.0)
+
+    def forward(self, h=None, mask=None):
+        return learned_vectors(self)  # site -> b
+
+
+class LoRA(nn.Module):
+    """LoRA: y = xW + (alpha / r) x A^T B^T, unmerged, so each row of a batch can carry its own A and B."""
+
+    def __init__(self, args: ModelArgs, cfg: AdapterConfig):
+        super().__init__()
+        dims = site_dims(args)
+        self.scaling = cfg.alpha / cfg.r
+        self.A = nn.ParameterDict({t: nn.Parameter(torch.empty(cfg.r, dims[t][0])) for t in cfg.targets})
+        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(dims[t][1], cfg.r)) for t in cfg.targets})
+        for A in self.A.values():
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT and the LoRA paper's code do
+
+    def forward(self, h=None, mask=None):
+        return {site: (self.A[site], self.B[site] * self.scaling) for site in self.A}  # site -> (A, alpha / r * B)
+
+
+METHODS = {"para": VectorGenerator, "ia3": IA3, "lora": LoRA, "bitfit": BitFit}

@@ -54,7 +54,7 @@ def test_captured_vectors_are_one_per_prompt_and_do_not_depend_on_the_batch(tmp_
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in model.layers:
-            layer.adapters["para0"].up.weight.normal_(0, 0.5)  # a trained-looking generator, not the identity
+            layer.adapters["para0"][0].up.weight.normal_(0, 0.5)  # a trained-looking generator, not the identity
     prompts = [[1, 5, 9, 30, 7], [1, 40, 41], [1, 3, 3, 3, 3, 3, 3, 8]]
     together = lab.capture_vectors(model, prompts)
     alone = [lab.capture_vectors(model, [p]) for p in prompts]
@@ -161,7 +161,7 @@ def trained_looking_para(model):
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in model.layers:
-            layer.adapters["para0"].up.weight.normal_(0, 0.5)
+            layer.adapters["para0"][0].up.weight.normal_(0, 0.5)
     return model
 
 

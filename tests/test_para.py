@@ -117,7 +117,7 @@ def test_each_pooler_equals_a_loop_by_loop_transcription_of_its_equations(pooler
     cfg = AdapterConfig("para", pooler=pooler, r=12, K=4)
     add_adapter(model, cfg)
     randomize(model)
-    vg = model.layers[0].adapters["para0"]
+    vg = model.layers[0].adapters["para0"][0]
     torch.manual_seed(3)
     h = torch.randn(3, 10, model.args.dim)
     mask = torch.zeros(3, 10, dtype=torch.bool)
@@ -178,7 +178,7 @@ def test_para_on_the_260K_model_equals_hugging_face_with_hooks(pooler, dtype, st
 
 def capture_vectors(model):
     seen = []
-    hooks = [layer.adapters[b].register_forward_hook(lambda m, i, o: seen.append(o))
+    hooks = [layer.adapters[b][0].register_forward_hook(lambda m, i, o: seen.append(o))
              for layer in model.layers for b in layer.adapters]
     return seen, hooks
 
@@ -264,8 +264,8 @@ def test_lora_equals_peft_lora_with_the_same_weights():
                 mod = pm.get_submodule(f"base_model.model.model.layers.{i}.{path}")
                 A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
                 B.copy_(torch.randn(B.shape, generator=g) * 0.2)
-                layer.adapters["lora0"].A[site][0].copy_(A)
-                layer.adapters["lora0"].B[site][0].copy_(B)
+                layer.adapters["lora0"][0].A[site].copy_(A)
+                layer.adapters["lora0"][0].B[site].copy_(B)
     tokens = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
         ours, theirs = model(tokens), pm(input_ids=tokens).logits
@@ -298,7 +298,7 @@ def test_ia3_equals_peft_ia3_with_the_same_vectors():
     with torch.no_grad():
         for layer, v in zip(model.layers, vectors):
             for site in ("k", "v", "u"):
-                layer.adapters["ia30"].vectors[site][0].copy_(v[site])
+                layer.adapters["ia30"][0].vectors[site].copy_(v[site])
     tokens = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), pm(input_ids=tokens).logits, rtol=0, atol=1e-5)
@@ -311,8 +311,8 @@ def test_para_with_zero_up_and_bias_c_equals_ia3_with_vector_c():
     randomize(model)  # random W_down, capsules ... then W_up = 0 makes the prompt irrelevant
     with torch.no_grad():
         for layer, v in zip(model.layers, vectors):
-            layer.adapters["para0"].up.weight.zero_()
-            layer.adapters["para0"].up.bias[0].copy_(torch.cat([v["k"], v["v"], v["u"]]))
+            layer.adapters["para0"][0].up.weight.zero_()
+            layer.adapters["para0"][0].up.bias.copy_(torch.cat([v["k"], v["v"], v["u"]]))
     tokens = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, prompt_lens=[5, 12]), pm(input_ids=tokens).logits,

@@ -369,11 +369,11 @@ def cmd_vectors(opts):
 
 # --------------------------------------------------------------------------------- inside PARA: attention maps
 
-def attention_probs(attn, x, cos, sin, mask, adjust) -> torch.Tensor:
+def attention_probs(attn, x, cos, sin, mask, l) -> torch.Tensor:
     """softmax(Q'K^T / sqrt(head_dim)) [B, n_heads, T, T], computed exactly as Attention.forward does it."""
     B, T, _ = x.shape
-    q = adjust("q", x, attn.wq(x)).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = adjust("k", x, attn.wk(x)).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    q = l("q", x, attn.wq(x)).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # l: the layer's Vectors
+    k = l("k", x, attn.wk(x)).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # query head h reads KV head h // group
     scores = (q @ k.mT).to(torch.promote_types(q.dtype, torch.float32)) / attn.head_dim ** 0.5  # at least fp32
@@ -385,7 +385,7 @@ def attention_probs(attn, x, cos, sin, mask, adjust) -> torch.Tensor:
 @torch.no_grad()
 def attention_maps(model, tokens, prompt_lens=None) -> dict:
     """layer -> [B, n_heads, T, T]: the attention probabilities of every layer in one forward pass. A pre-hook
-    catches each attention module's inputs (the normed x, RoPE, mask, and the adapters' Adjustment).
+    catches each attention module's inputs (the normed x, RoPE, mask, and the layer's Vectors).
     prompt_lens: what PARA pools in each row (default: the whole row, a prompt without its response)."""
     maps = {}
     if prompt_lens is None:

@@ -257,7 +257,15 @@ def train(args, on_step=None):
         with torch.no_grad():
             for k, p in adapter_state(model, "default").items():
                 p.copy_(ck["adapter"][k])
+        # the optimizer's state is by parameter position, which follows the adapter's tensors in the order the run
+        # that wrote it had them (older checkpoints, from stacked tenants, had PARA's up.bias first, shapes [1, ...])
+        was = {name: i for i, name in enumerate(ck["adapter"])}
+        state = ck["optimizer"]["state"]
+        ck["optimizer"]["state"] = {i: state[was[n]] for i, n in enumerate(adapter_state(model, "default"))
+                                    if was[n] in state}
         opt.load_state_dict(ck["optimizer"])
+        for p, s in opt.state.items():
+            s.update({k: v.view(p.shape) for k, v in s.items() if v.dim() and v.shape != p.shape})
         step, best, bad = ck["step"], ck["best"], ck["bad"]
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
 

@@ -1,5 +1,5 @@
 # Decoding with the explicit KV cache: greedy, sampling and beam search, for a batch of requests that may differ in
-# prompt length (left padding) and adapter (each row gathers its own tenant's weights).
+# prompt length (left padding) and adapter (each row runs with its own tenant's weights: serving.py).
 #
 # Every request's prompt is run once (the prefill): that is where PARA's vector generators pool it, and the
 # resulting per-row vectors (and LoRA factors, (IA)^3 vectors) stay in the cache beside the keys and values. Each

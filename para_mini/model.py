@@ -85,6 +85,7 @@ def apply_rope(x, cos, sin):
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     return (h * cos + rotated * sin).to(x.dtype)
 
+
 # --------------------------------------------------------------------------------------------------- attention
 
 class Attention(nn.Module):
@@ -360,51 +361,39 @@ class Transformer(nn.Module):
         return Cache(layers, torch.zeros(batch_size, dtype=torch.long, device=p.device))
 
 
-# ------------------------------------------------------------------------- the baselines, beside PARA
-
-def init_vectors(module, args: ModelArgs, cfg: AdapterConfig, fill: float):
-    """(IA)^3's and BitFit's learned vectors, one per target, starting at `fill` (the identity). With cfg.proj > 0,
-    the paper's variant that gives them a budget like the other methods' (Section 4.1): each vector is made from a
-    learned proj-dim vector z through a learned projection, fill + z W_proj (z starts at 0, as LoRA's B does)."""
-    dims = site_dims(args)
-    module.fill, module.proj = fill, None
-    if not cfg.proj:
-        module.vectors = nn.ParameterDict({t: nn.Parameter(torch.full((dims[t][1],), fill)) for t in cfg.targets})
-        return
-    module.z = nn.ParameterDict({t: nn.Parameter(torch.zeros(cfg.proj)) for t in cfg.targets})
-    module.proj = nn.ParameterDict({t: nn.Parameter(torch.randn(cfg.proj, dims[t][1]) * 0.02) for t in cfg.targets})
-
-
-def learned_vectors(module):
-    """site -> the learned vector [1, d_out] ([B, 1, d_out] when each row has its own)."""
-    if module.proj is None:
-        return {site: v.unsqueeze(-2) for site, v in module.vectors.items()}
-    return {site: module.fill + z.unsqueeze(-2) @ module.proj[site] for site, z in module.z.items()}
-
+# ------------------------------------------------------------------------- the baselines, side by side with PARA
 
 class IA3(nn.Module):
     """(IA)^3: one learned vector per target, the same for every prompt (PARA with W_up = 0, b_up = the vector).
 
     Scaling U is the original's scaling of the FFN intermediate: (g(G) * U * l) W^D = (g(G) * (l * U)) W^D.
+    With cfg.proj > 0, the paper's variant that gives the vectors a budget like the other methods' (Section 4.1):
+    each is made from a learned proj-dim vector z through a learned projection, fill + z W_proj (z starts at 0).
     """
+    fill = 1.0  # the identity of a scale
 
     def __init__(self, args: ModelArgs, cfg: AdapterConfig):
         super().__init__()
-        init_vectors(self, args, cfg, fill=1.0)
+        dims = site_dims(args)
+        if cfg.proj:
+            self.z = nn.ParameterDict({t: nn.Parameter(torch.zeros(cfg.proj)) for t in cfg.targets})
+            self.proj = nn.ParameterDict({t: nn.Parameter(torch.randn(cfg.proj, dims[t][1]) * 0.02)
+                                          for t in cfg.targets})
+        else:
+            self.vectors = nn.ParameterDict({t: nn.Parameter(torch.full((dims[t][1],), self.fill))
+                                             for t in cfg.targets})
 
     def forward(self, h=None, mask=None):
-        return learned_vectors(self)  # site -> l, whatever the prompt
+        """site -> the learned vector [1, d_out], whatever the prompt ([B, 1, d_out]: each row's own)."""
+        if hasattr(self, "vectors"):
+            return {site: v.unsqueeze(-2) for site, v in self.vectors.items()}
+        return {site: self.fill + z.unsqueeze(-2) @ self.proj[site] for site, z in self.z.items()}
 
 
-class BitFit(nn.Module):
-    """BitFit-style learned bias vectors added to the chosen projections (LLaMA-2 has no biases of its own)."""
-
-    def __init__(self, args: ModelArgs, cfg: AdapterConfig):
-        super().__init__()
-        init_vectors(self, args, cfg, fill=0.0)
-
-    def forward(self, h=None, mask=None):
-        return learned_vectors(self)  # site -> b
+class BitFit(IA3):
+    """BitFit-style learned biases on the chosen projections (LLaMA-2 has none of its own): made as (IA)^3's
+    vectors are, but starting at 0 and added to the projection rather than multiplied (serving.make_vectors)."""
+    fill = 0.0  # the identity of a bias
 
 
 class LoRA(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .serving import Cache, KVCache, Prompt, Vectors, make_vectors, resolve_slots
+from .serving import Cache, KVCache, Prompt, Vectors, make_vectors, read_prompt
 
 
 @dataclass
@@ -310,7 +310,8 @@ class Transformer(nn.Module):
             cache.pad = pad.to(tokens.device) if start == 0 and pad is not None else cache.pad
             pad = cache.pad
         cos, sin, mask = self.positions(tokens.shape, start, pad, tokens.device)
-        prompt = self.prompt(tokens.shape, prompt_lens, pad, adapters, tokens.device) if start == 0 else None
+        # at the prefill: which tokens PARA pools (the prompt's only) and which adapter each row uses
+        prompt = read_prompt(self, tokens.shape, prompt_lens, pad, adapters) if start == 0 else None
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             c = None if cache is None else cache.layers[i]
@@ -337,22 +338,6 @@ class Transformer(nn.Module):
         first = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
         mask = (keys[None, None] <= idx[None, :, None]) & (keys[None, None] >= first[:, None, None])
         return cos, sin, (mask | (keys[None, None] == idx[None, :, None]))[:, None]  # padding sees itself: no 0/0
-
-    def prompt(self, shape, prompt_lens, pad, adapters, device) -> Prompt:
-        """Which tokens PARA pools, and which adapter each row uses."""
-        B, T = shape
-        slots = resolve_slots(self.tenants, adapters, B, self.output.weight.device)
-        if prompt_lens is None:
-            if any(self.layers[0].adapters[b].config.method == "para" for b in slots):
-                raise ValueError("PARA pools the prompt: pass prompt_lens, each row's prompt length, so that the "
-                                 "response and padding never enter the vector generator")
-            return Prompt(None, slots)
-        t = torch.arange(T, device=device)[None]
-        first = torch.zeros(B, 1, dtype=torch.long, device=device) if pad is None else pad[:, None].to(device)
-        prompt_lens = torch.as_tensor(prompt_lens, device=device)
-        if (prompt_lens < 1).any() or (first[:, 0] + prompt_lens > T).any():
-            raise ValueError(f"prompt_lens {prompt_lens.tolist()} must be >= 1 and fit in {T} tokens after padding")
-        return Prompt((t >= first) & (t < first + prompt_lens[:, None]), slots)
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> Cache:
         a, p = self.args, self.output.weight
@@ -408,8 +393,9 @@ class LoRA(nn.Module):
         for A in self.A.values():
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT and the LoRA paper's code do
 
-    def forward(self, h=None, mask=None):
-        return {site: (self.A[site], self.B[site] * self.scaling) for site in self.A}  # site -> (A, alpha / r * B)
+    def forward(self, h, mask=None):
+        # site -> (A, alpha / r * B) in the activations' dtype, for y + x A^T B^T (serving.Vectors.add)
+        return {site: (self.A[site].to(h.dtype), self.B[site].to(h.dtype) * self.scaling) for site in self.A}
 
 
 METHODS = {"para": VectorGenerator, "ia3": IA3, "lora": LoRA, "bitfit": BitFit}

@@ -73,7 +73,7 @@ def make_vectors(banks: nn.ModuleDict, h, prompt: Prompt) -> Vectors:
         for site, t in out.items():
             if bank.config.method == "lora":
                 A, B = t
-                vectors.lora.setdefault(site, []).append((A.to(h.dtype), identity_rows(B.to(h.dtype), slots, 0.0)))
+                vectors.lora.setdefault(site, []).append((A, identity_rows(B, slots, 0.0)))
             elif bank.config.method == "bitfit":
                 b = identity_rows(t.to(h.dtype), slots, 0.0)
                 vectors.b[site] = vectors.b[site] + b if site in vectors.b else b
@@ -96,6 +96,24 @@ def identity_rows(t, slots, identity: float):
     if slots is None:
         return t  # every row is the bank's one tenant
     return t.masked_fill((slots < 0).view(-1, *[1] * (t.dim() - 1)), identity)
+
+
+def read_prompt(model, shape, prompt_lens, pad, adapters) -> Prompt:
+    """Which tokens PARA pools (each row's prompt, after its left padding), and which adapter each row uses."""
+    B, T = shape
+    device = model.output.weight.device
+    slots = resolve_slots(model.tenants, adapters, B, device)
+    if prompt_lens is None:
+        if any(model.layers[0].adapters[b].config.method == "para" for b in slots):
+            raise ValueError("PARA pools the prompt: pass prompt_lens, each row's prompt length, so that the "
+                             "response and padding never enter the vector generator")
+        return Prompt(None, slots)
+    t = torch.arange(T, device=device)[None]
+    first = torch.zeros(B, 1, dtype=torch.long, device=device) if pad is None else pad[:, None].to(device)
+    prompt_lens = torch.as_tensor(prompt_lens, device=device)
+    if (prompt_lens < 1).any() or (first[:, 0] + prompt_lens > T).any():
+        raise ValueError(f"prompt_lens {prompt_lens.tolist()} must be >= 1 and fit in {T} tokens after padding")
+    return Prompt((t >= first) & (t < first + prompt_lens[:, None]), slots)
 
 
 def resolve_slots(tenants: dict, adapters, B: int, device) -> dict:

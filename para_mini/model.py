@@ -205,7 +205,7 @@ class VectorGenerator(nn.Module):
         # h: the attention RMSNorm output of the layer [B, T, dim] (DESIGN 1); mask: [B, T] prompt tokens.
         # The weights broadcast over the batch; a batch mixing tenants gives each row its own (serving.py).
         W_down, W_up, b_up = self.down.weight, self.up.weight, self.up.bias
-        h_prime = h.to(W_down.dtype) @ W_down.mT  # h' = h W_down                                  [B, T, r]
+        h_prime = h.to(W_down.dtype) @ W_down.mT  # Eq. (6): h' = h W_down                         [B, T, r]
         if self.pooler in ("capsule", "routing"):
             z = self.pool(h_prime, mask)  # Eq. (7)-(10)                                            [B, r]
         else:

@@ -33,11 +33,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_model, load_tokenizer,
                        save_adapter)
 from para_mini.adapters import adapter_state, read_adapter
-from para_mini.loading import check_tensors, read_checkpoint
-from para_mini.model import METHODS, Transformer
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
 from para_mini.generation import generate_texts
+from para_mini.loading import check_tensors, read_checkpoint
 from para_mini.metrics import METRIC, score
+from para_mini.model import METHODS, Transformer
 
 # How much each task may generate at evaluation: labels are a word or two, the rest are free text.
 MAX_NEW_TOKENS = {"gsm8k": 256, "e2e": 96, "wikisql": 96, "alpaca": 256, "generic": 128, "squad": 32,
@@ -271,10 +271,10 @@ def load_sharded(args, cfg, dtype):
     for name, p in model.state_dict().items():
         if ".adapters." in name:
             i, k = name.split(".")[1], name.split(f".adapters.{bank}.")[1]
-            whole = fresh[int(i)][k].to(args.device)  # fp32, as add_adapter keeps adapters
+            full = fresh[int(i)][k].to(args.device)  # fp32, as add_adapter keeps adapters
         else:
-            whole = tensors[name].read().to(device=args.device, dtype=dtype)
-        state[name] = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
+            full = tensors[name].read().to(device=args.device, dtype=dtype)
+        state[name] = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
     model.load_state_dict(state, assign=True)
     return model.eval()
 
@@ -432,6 +432,8 @@ def train(args, on_step=None):
         if rank == 0 and not args.shard:
             atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
             progress.message(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
+        elif args.shard:
+            progress.message(f"interrupted at step {step}; --shard writes no checkpoint, the best adapter is saved")
         raise KeyboardInterrupt
     if bad >= args.patience:
         progress.message(f"early stop at step {step}: dev loss did not improve for {args.patience} evaluations")

@@ -6,6 +6,10 @@ The loop is written out by hand so it reads top to bottom: AdamW, linear decay a
 accumulation and clipping, loss on the response tokens only, dev loss every --eval-every steps with early
 stopping, the best adapter saved atomically, a resumable checkpoint (also on Ctrl-C), then test predictions and
 the paper's metric, written as a JSON summary next to the adapter.
+
+More than one GPU: the same script under torchrun (README, "More than one GPU"); --shard splits the backbone.
+
+    torchrun --nproc_per_node 8 train.py --data boolq.jsonl --weights weights/Llama-2-7b-hf --grad-accum 8
 """
 import argparse
 import json
@@ -20,14 +24,20 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_adapter, load_model, load_tokenizer,
+from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_model, load_tokenizer,
                        save_adapter)
-from para_mini.adapters import adapter_state, remove_adapter
+from para_mini.adapters import adapter_state, read_adapter
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
 from para_mini.generation import generate_texts
+from para_mini.loading import check_tensors, read_checkpoint
 from para_mini.metrics import METRIC, score
+from para_mini.model import METHODS, Transformer
 
 # How much each task may generate at evaluation: labels are a word or two, the rest are free text.
 MAX_NEW_TOKENS = {"gsm8k": 256, "e2e": 96, "wikisql": 96, "alpaca": 256, "generic": 128, "squad": 32,
@@ -52,6 +62,8 @@ def parse_args(argv=None):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=["fp32", "bf16"], help="backbone dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    g.add_argument("--shard", action="store_true",
+                   help="under torchrun: split the backbone across the GPUs (FSDP2), for a model larger than one GPU")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["para", "lora", "ia3", "bitfit"], default="para")
     g.add_argument("--targets", help="comma-separated among q,k,v,o,g,u,d (default: the method's own)")
@@ -69,7 +81,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=float, default=3)
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
     g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (under torchrun: shared among the GPUs)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
     g.add_argument("--eval-every", type=int, default=100, help="dev loss every N steps")
     g.add_argument("--patience", type=int, default=10, help="stop after N evaluations without a better dev loss")
@@ -197,8 +210,96 @@ class Progress:
         print(("\n" if self.tty else "") + text, flush=True)
 
 
+# ------------------------------------------------------------------------------- more than one process (torchrun)
+# nanoGPT's way: torchrun starts one process per GPU and sets RANK / WORLD_SIZE / LOCAL_RANK; each process takes its
+# share of every step's micro-batches, PyTorch averages the adapter's gradients (DDP, or FSDP2 with --shard), and
+# rank 0 alone prints and writes files. Plain `python train.py` is one process of rank 0.
+
+def start_processes(args):
+    """(rank, world size): joins torchrun's process group and takes this rank's GPU; (0, 1) without torchrun."""
+    if "RANK" not in os.environ:
+        if args.shard:
+            raise ValueError("--shard splits the model across processes: launch with torchrun --nproc_per_node N")
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    if args.grad_accum % world:
+        raise ValueError(f"the --grad-accum {args.grad_accum} micro-batches of a step are shared among {world} "
+                         f"processes: make it a multiple of {world} (e.g. --batch-size 1 --grad-accum {world})")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
+    return rank, world
+
+
+def all_ranks_sum(x: float, device) -> float:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def rank_0s(x: float, device) -> float:
+    """Rank 0's value on every rank, so that all ranks take rank 0's decisions (best adapter, early stop)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return t.item()
+
+
+def load_sharded(args, cfg, dtype):
+    """The model with its adapter split across the ranks by FSDP2, one shard per rank and never whole on any: built
+    on the meta device, each block sharded, then every tensor read alone from the memory-mapped checkpoint, and only
+    this rank's rows of it kept (distribute_tensor with src_data_rank=None slices locally, sends nothing)."""
+    margs, tensors, unused = read_checkpoint(Path(args.weights))
+    with torch.device("meta"):
+        model = Transformer(margs)  # a tied output is loaded as an equal copy of the embedding (LLaMA-2 is untied)
+    check_tensors(args.weights, tensors, {n: tuple(t.shape) for n, t in model.state_dict().items()}, unused)
+    with torch.random.fork_rng(devices=[]):  # the adapter's initial values, drawn as add_adapter draws them
+        fresh = [METHODS[cfg.method](margs, cfg).state_dict() for _ in model.layers]
+    add_adapter(model, cfg)  # on the meta device: the shapes, and requires_grad on the adapter alone
+    for block in model.layers:
+        fully_shard(block)  # a block's weights are gathered for its forward and backward, then freed
+    fully_shard(model)  # the embedding, final norm and LM head
+    bank, _ = model.tenants["default"]
+    state = {}
+    for name, p in model.state_dict().items():
+        if ".adapters." in name:
+            i, k = name.split(".")[1], name.split(f".adapters.{bank}.0.")[1]
+            full = fresh[int(i)][k].to(args.device)  # fp32, as add_adapter keeps adapters
+        else:
+            full = tensors[name].read().to(device=args.device, dtype=dtype)
+        state[name] = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def whole(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t  # sharded: gathered from every rank (all must call)
+
+
+def adapter_tensors(model):
+    """The adapter's tensors by file name, whole; under --shard every rank must call this (it gathers)."""
+    return {k: whole(v).detach().clone() for k, v in adapter_state(model, "default").items()}
+
+
+def set_adapter(model, tensors):
+    """Copy an adapter's tensors (file name -> whole tensor) into the model; under --shard each rank its rows."""
+    with torch.no_grad():
+        for name, p in adapter_state(model, "default").items():
+            w = tensors[name].to(p.device, p.dtype)
+            p.copy_(distribute_tensor(w, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor)
+                    else w)
+
+
 def train(args, on_step=None):
     torch.manual_seed(args.seed)
+    rank, world = start_processes(args)  # (0, 1) without torchrun
     device = args.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device != "cpu" else "fp32")]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
@@ -219,7 +320,13 @@ def train(args, on_step=None):
     test_eval = one_per_query(test_ex)[:args.max_eval] if test_ex else None
 
     # model, tokenizer, adapter
-    model = load_model(args.weights, dtype=dtype, device=device, max_seq_len=None)
+    targets = tuple(args.targets.split(",")) if args.targets else ()
+    cfg = AdapterConfig(args.method, targets, r=args.r or 0, pooler=args.pooler, K=args.K, alpha=args.lora_alpha,
+                        proj=args.proj)
+    if args.shard:
+        model = load_sharded(args, cfg, dtype)  # with the adapter already attached
+    else:
+        model = load_model(args.weights, dtype=dtype, device=device, max_seq_len=None)
     tok = load_tokenizer(args.tokenizer or find_tokenizer(args.weights))
     if tok.vocab_size != model.args.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model {model.args.vocab_size}: "
@@ -232,21 +339,25 @@ def train(args, on_step=None):
     dev_pairs, dev_cut = tokenize(dev_ex[:args.max_eval], tok, args.max_len, system)
     print(f"task {task}: {len(train_pairs)} train / {len(dev_pairs)} dev / {len(test_ex or [])} test examples; "
           f"{cut + dev_cut} passages truncated to fit {args.max_len} tokens", flush=True)
-    targets = tuple(args.targets.split(",")) if args.targets else ()
-    cfg = AdapterConfig(args.method, targets, r=args.r or 0, pooler=args.pooler, K=args.K, alpha=args.lora_alpha,
-                        proj=args.proj)
-    add_adapter(model, cfg)
+    if not args.shard:
+        add_adapter(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"{args.method}: {sum(p.numel() for p in params):,} tunable parameters ({asdict(cfg)})", flush=True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # DDP averages the adapter's gradients over the ranks in backward (the frozen backbone has none to send);
+    # --shard's FSDP2 does the same for the shards. Evaluation calls `model` itself, which DDP leaves untouched.
+    ddp_model = DDP(model) if world > 1 and not args.shard else model
 
     per_step = args.batch_size * args.grad_accum
     total = args.max_steps or max(1, math.ceil(args.epochs * len(train_pairs) / per_step))
     out = Path(args.out or f"runs/{task}-{args.method}")
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_path, adapter_path = out / "checkpoint.pt", out / "adapter.safetensors"
     step, best, bad = 0, float("inf"), 0
     if args.resume:
+        if args.shard:
+            raise ValueError("--resume with --shard is not implemented: the checkpoint holds unsharded state")
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -254,9 +365,7 @@ def train(args, on_step=None):
         if changed:
             raise ValueError(f"--resume: {ckpt_path} was written with other settings (was, now): {changed}; "
                              "resume with the interrupted run's flags, or start anew with another --out")
-        with torch.no_grad():
-            for k, p in adapter_state(model, "default").items():
-                p.copy_(ck["adapter"][k])
+        set_adapter(model, ck["adapter"])
         # the optimizer's state is by parameter position, which follows the adapter's tensors in the order the run
         # that wrote it had them (older checkpoints, from stacked tenants, had PARA's up.bias first, shapes [1, ...])
         was = {name: i for i, name in enumerate(ck["adapter"])}
@@ -275,7 +384,7 @@ def train(args, on_step=None):
     stop = []  # Ctrl-C asks to stop at the next step boundary, so the checkpoint is never half-updated
 
     def on_ctrl_c(signum, frame):
-        if stop:
+        if stop and world == 1:  # (torchrun passes a terminal's Ctrl-C on: each rank gets it twice; it kills late ranks)
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         stop.append(True)
         progress.message("Ctrl-C: saving a checkpoint after this step (press again to quit at once)")
@@ -290,47 +399,60 @@ def train(args, on_step=None):
             batch = [train_pairs[i] for i in batch_indices(step, len(train_pairs), per_step, args.seed)]
             n_tokens = sum(len(r) for _, r in batch)  # the loss is a mean over the step's response tokens
             step_loss = 0.0
-            for m in range(0, per_step, args.batch_size):
+            for m in range(rank * args.batch_size, per_step, world * args.batch_size):  # this rank's micro-batches
                 tokens, tgt, lens = collate(batch[m:m + args.batch_size], tok.pad_id, device)
-                loss = loss_sum(model, tokens, tgt, lens, autocast) / n_tokens
+                # * world: DDP / FSDP average the ranks' gradients, and the step's gradient is their sum
+                loss = loss_sum(ddp_model, tokens, tgt, lens, autocast) * world / n_tokens
                 loss.backward()
-                step_loss += loss.item()
-                progress.tokens += tokens.numel()
+                step_loss += loss.item() / world
+                progress.tokens += tokens.numel() * world  # the other ranks' micro-batches are about as large
             torch.nn.utils.clip_grad_norm_(params, args.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             progress.train_seconds += time.time() - t0
             if step % args.log_every == 0 or step == total:
-                progress.show(step - 1, step_loss, lr)
+                progress.show(step - 1, all_ranks_sum(step_loss, device), lr)
             if step % args.eval_every == 0 or step == total:
                 model.eval()
-                loss = dev_loss(model, dev_pairs, args, tok.pad_id, autocast)
+                # every rank computes it (--shard: each forward needs them all) and all take rank 0's number
+                loss = rank_0s(dev_loss(model, dev_pairs, args, tok.pad_id, autocast), device)
                 model.train()
                 better = loss < best
                 best, bad = (loss, 0) if better else (best, bad + 1)
                 if better:
-                    save_adapter(model, adapter_path)
+                    adapter = adapter_tensors(model)  # --shard: gathered from every rank
+                    if rank == 0:
+                        save_adapter(model, adapter_path, tensors=adapter)
                 progress.message(f"step {step}: dev loss {loss:.4f}" + ("  (best: adapter saved)" if better else
                                  f"  (no better for {bad} / {args.patience})"))
-                atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
+                if rank == 0 and not args.shard:
+                    atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
             if on_step is not None:
                 on_step(step)
+            if world > 1 and all_ranks_sum(len(stop), device) and not stop:
+                stop.append(True)  # a Ctrl-C that reached any rank stops every rank after this same step
     finally:
         signal.signal(signal.SIGINT, previous)
     if stop:
-        atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
-        progress.message(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
+        if rank == 0 and not args.shard:
+            atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
+            progress.message(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
+        elif args.shard:
+            progress.message(f"interrupted at step {step}; --shard writes no checkpoint, the best adapter is saved")
         raise KeyboardInterrupt
     if bad >= args.patience:
         progress.message(f"early stop at step {step}: dev loss did not improve for {args.patience} evaluations")
+    if world > 1:
+        dist.barrier()  # rank 0 has written the best adapter
+        if rank != 0 and not args.shard:
+            return None  # DDP: rank 0 alone evaluates
     if not adapter_path.exists():
         raise RuntimeError(f"no adapter was saved in {out}: the dev loss was never finite")
 
     # evaluation with the best adapter, as it is saved on disk
     model.eval()
-    remove_adapter(model, "default")
-    load_adapter(model, adapter_path, "default")
+    set_adapter(model, read_adapter(adapter_path)[2])
     summary = {"task": task, "metric_name": METRIC[task], "adapter": str(adapter_path), "steps": step,
                "best_dev_loss": best, "train_examples": len(train_pairs), "truncated": cut + dev_cut,
                "settings": {k: v for k, v in vars(args).items()}, "adapter_config": asdict(cfg)}
@@ -339,9 +461,13 @@ def train(args, on_step=None):
             preds = predict(model, tok, task, part, args, system)
             summary[name] = score(task, preds, part)
             print(f"{name} {METRIC[task]}: {summary[name][METRIC[task]]:.2f} ({len(part)} examples)", flush=True)
+            if rank != 0:
+                continue  # --shard: every rank generates (each forward needs them all), rank 0 writes
             with open(out / f"predictions_{name}.jsonl", "w") as f:
                 for ex, pred in zip(part, preds):
                     f.write(json.dumps({"prompt": ex.query, "prediction": pred, "references": ex.references}) + "\n")
+    if rank != 0:
+        return summary
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, out / "summary.json")
@@ -362,6 +488,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, FileNotFoundError, KeyError) as e:

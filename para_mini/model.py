@@ -51,7 +51,6 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)  # 7B: 11008
 
 
-
 # ----------------------------------------------------------------------------------------------- norm and RoPE
 
 class RMSNorm(nn.Module):
@@ -207,10 +206,10 @@ class VectorGenerator(nn.Module):
         W_down, W_up, b_up = self.down.weight, self.up.weight, self.up.bias
         h_prime = h.to(W_down.dtype) @ W_down.mT  # Eq. (6): h' = h W_down                         [B, T, r]
         if self.pooler in ("capsule", "routing"):
-            z = self.pool(h_prime, mask)  # Eq. (7)-(10)                                            [B, r]
+            z = self.pool(h_prime, mask)  # z = Pooler(h'), Eq. (7)-(10)                            [B, r]
         else:
             z = pool_last(h_prime, mask) if self.pooler == "last" else pool_mean(h_prime, mask)
-        l = F.gelu(z)[:, None] @ W_up.mT + b_up[..., None, :]  # Eq. (6): l = g(Pooler(h W_down)) W_up + b_up
+        l = F.gelu(z)[:, None] @ W_up.mT + b_up[..., None, :]  # Eq. (6): l = g(z) W_up + b_up        [B, 1, d_out]
         return dict(zip(self.targets, l.split(self.sizes, dim=-1)))  # Eq. (3), (6): l_q, l_v, l_u = Split(l)
 
 

@@ -369,6 +369,18 @@ def test_para_file_holds_the_tensors_design_md_names():
                       "layers.1.vg.pool.query": (4, 12)}
 
 
+
+def test_one_adapter_is_plain_modules_and_a_second_tenant_only_adds_a_module():
+    model = tiny_model()
+    add_adapter(model, AdapterConfig("para", r=12, K=4), "a")
+    vg = model.layers[0].adapters["para0"][0]  # a fine-tuning run: W_down, W_up are linear layers, no tenant axis
+    assert isinstance(vg.down, torch.nn.Linear) and vg.down.weight.shape == (12, 48)
+    assert isinstance(vg.up, torch.nn.Linear) and vg.up.bias.shape == (48 + 24 + 80,)
+    before = {k: v.clone() for k, v in adapter_state(model, "a").items()}
+    add_adapter(model, AdapterConfig("para", r=12, K=4), "b")  # same settings: the same bank, one module more
+    assert model.tenants == {"a": ("para0", 0), "b": ("para0", 1)} and len(model.layers[0].adapters["para0"]) == 2
+    assert all(torch.equal(v, before[k]) for k, v in adapter_state(model, "a").items())
+
 def test_an_adapter_for_another_base_is_refused(tmp_path):
     model = tiny_model()
     add_adapter(model, AdapterConfig("para"))

@@ -26,7 +26,7 @@ class Vectors:
     """One layer's vectors for each row of a batch, made once per prompt and kept with the KV cache (Eq. 3):
     l["q"], l["v"], l["u"] are PARA's l_q, l_v, l_u (or (IA)^3's vectors); ONE where nothing scales a projection.
     The baselines' additive terms ride along: LoRA's x A^T B^T and BitFit's b, applied by add().
-    A tensor is [B, ...] with one entry per row (3-D), or shared by every row (no row dimension).
+    A tensor is [B, ...] with one entry per row (3-D), or shared by every row (no row dimension, or B = 1).
     """
 
     def __init__(self):
@@ -49,7 +49,7 @@ class Vectors:
 
     def reorder(self, index):
         """Keep the rows `index` (beam search reorders hypotheses; the KV cache moves with them)."""
-        pick = lambda t: t.index_select(0, index) if t.dim() == 3 else t
+        pick = lambda t: t.index_select(0, index) if t.dim() == 3 and t.shape[0] > 1 else t  # 1 row: broadcasts
         self.l = {s: pick(t) for s, t in self.l.items()}
         self.b = {s: pick(t) for s, t in self.b.items()}
         self.lora = {s: [(pick(A), pick(B)) for A, B in ab] for s, ab in self.lora.items()}

@@ -83,17 +83,20 @@ def torchrun(tmp_path, runs, world=2):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every run once: one process (PARA, LoRA), then two ranks: DDP (PARA, LoRA, PARA stopped by Ctrl-C after
-    step 6 and resumed) and --shard (PARA, and the same stopped and resumed). Only rank 1 is audited for writes."""
+    """Every run once: one process (PARA, LoRA, PARA stopped by Ctrl-C after step 6), then two ranks: DDP (PARA, LoRA,
+    PARA stopped after step 6 and resumed) and --shard (PARA, the same stopped and resumed, and the one process's
+    stopped run resumed). Only rank 1 is audited for writes."""
     tmp = tmp_path_factory.mktemp("torchrun")
     args = lambda name, *extra: run_args(tmp, *GLOBAL_8, "--out", str(tmp / name), *extra)
     one_grads = {}
     for method in ("para", "lora"):
         train_one(args(f"one-{method}", "--method", method), one_grads)
+    train_one(args("one-then-sharded"), one_grads, ctrl_c_at=6)
     torchrun(tmp, [(args("two-para"), None), (args("two-lora", "--method", "lora"), None),
                    (args("broken"), 6), (args("broken", "--resume"), None),
                    (args("sharded", "--shard"), None),
-                   (args("sharded-broken", "--shard"), 6), (args("sharded-broken", "--shard", "--resume"), None)])
+                   (args("sharded-broken", "--shard"), 6), (args("sharded-broken", "--shard", "--resume"), None),
+                   (args("one-then-sharded", "--shard", "--resume"), None)])
     return tmp, one_grads, torch.load(tmp / "first-gradients.pt", weights_only=True)
 
 
@@ -145,3 +148,9 @@ def test_only_rank_0_writes_and_a_resumed_two_rank_run_continues_exactly_with_or
         assert all(torch.equal(ref["optimizer"]["state"][i]["exp_avg_sq"], s["exp_avg_sq"])
                    for i, s in resumed["optimizer"]["state"].items()), broken
     assert not list(tmp.rglob("*.tmp"))
+
+
+def test_a_checkpoint_of_one_process_resumes_under_shard(runs):
+    tmp, _, _ = runs  # the file is the same with or without --shard (a --shard one resumes alone too: README)
+    assert torch.load(tmp / "one-then-sharded" / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert_close(final_adapter(tmp / "one-para"), final_adapter(tmp / "one-then-sharded"), 1e-5, "one, then --shard")

@@ -185,9 +185,11 @@ SAME_RUN = ("data", "dev", "task", "max_train", "max_eval", "max_len", "system",
 
 
 def checkpoint_state(model, opt, step, best, bad, args):
-    return {"step": step, "best": best, "bad": bad, "optimizer": opt.state_dict(),
-            "settings": {k: getattr(args, k) for k in SAME_RUN},
-            "adapter": {k: v.detach().clone() for k, v in adapter_state(model, "default").items()}}
+    """Every tensor whole, so one file resumes with or without torchrun; under --shard every rank must call this."""
+    optimizer = opt.state_dict()  # AdamW's moments are sharded like their parameters under --shard: gather them
+    optimizer["state"] = {i: {k: whole(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
+    return {"step": step, "best": best, "bad": bad, "optimizer": optimizer,
+            "settings": {k: getattr(args, k) for k in SAME_RUN}, "adapter": adapter_tensors(model)}
 
 
 class Progress:
@@ -288,13 +290,24 @@ def adapter_tensors(model):
     return {k: whole(v).detach().clone() for k, v in adapter_state(model, "default").items()}
 
 
+def like(p, t):
+    """A whole tensor t as parameter p holds it: under --shard this rank's rows of it alone (sliced, not sent)."""
+    t = t.to(p.device, p.dtype)
+    return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor) else t
+
+
 def set_adapter(model, tensors):
     """Copy an adapter's tensors (file name -> whole tensor) into the model; under --shard each rank its rows."""
     with torch.no_grad():
         for name, p in adapter_state(model, "default").items():
-            w = tensors[name].to(p.device, p.dtype)
-            p.copy_(distribute_tensor(w, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor)
-                    else w)
+            p.copy_(like(p, tensors[name]))
+
+
+def set_optimizer(opt, params, state):
+    """opt.load_state_dict of checkpoint_state's whole tensors; under --shard each rank keeps its rows of each."""
+    for i, s in state["state"].items():
+        s.update({k: like(params[i], v) for k, v in s.items() if k != "step"})  # the step count is one number
+    opt.load_state_dict(state)
 
 
 def train(args, on_step=None):
@@ -356,8 +369,6 @@ def train(args, on_step=None):
     ckpt_path, adapter_path = out / "checkpoint.pt", out / "adapter.safetensors"
     step, best, bad = 0, float("inf"), 0
     if args.resume:
-        if args.shard:
-            raise ValueError("--resume with --shard is not implemented: the checkpoint holds unsharded state")
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -366,15 +377,13 @@ def train(args, on_step=None):
             raise ValueError(f"--resume: {ckpt_path} was written with other settings (was, now): {changed}; "
                              "resume with the interrupted run's flags, or start anew with another --out")
         set_adapter(model, ck["adapter"])
-        # the optimizer's state is by parameter position, which follows the adapter's tensors in the order the run
-        # that wrote it had them (older checkpoints, from stacked tenants, had PARA's up.bias first, shapes [1, ...])
-        was = {name: i for i, name in enumerate(ck["adapter"])}
-        state = ck["optimizer"]["state"]
-        ck["optimizer"]["state"] = {i: state[was[n]] for i, n in enumerate(adapter_state(model, "default"))
+        # AdamW's state is by parameter position: the order of the adapter's tensors in the run that wrote it (older
+        # checkpoints, from stacked tenants, had PARA's up.bias before up.weight, and shapes [1, ...])
+        was, state = {name: i for i, name in enumerate(ck["adapter"])}, ck["optimizer"]["state"]
+        ck["optimizer"]["state"] = {i: {k: v.view(p.shape) if v.dim() else v for k, v in state[was[n]].items()}
+                                    for i, (n, p) in enumerate(adapter_state(model, "default").items())
                                     if was[n] in state}
-        opt.load_state_dict(ck["optimizer"])
-        for p, s in opt.state.items():
-            s.update({k: v.view(p.shape) for k, v in s.items() if v.dim() and v.shape != p.shape})
+        set_optimizer(opt, params, ck["optimizer"])
         step, best, bad = ck["step"], ck["best"], ck["bad"]
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
 
@@ -426,8 +435,9 @@ def train(args, on_step=None):
                         save_adapter(model, adapter_path, tensors=adapter)
                 progress.message(f"step {step}: dev loss {loss:.4f}" + ("  (best: adapter saved)" if better else
                                  f"  (no better for {bad} / {args.patience})"))
-                if rank == 0 and not args.shard:
-                    atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
+                ck = checkpoint_state(model, opt, step, best, bad, args)  # --shard: gathered from every rank
+                if rank == 0:
+                    atomic_save(ck, ckpt_path)
             if on_step is not None:
                 on_step(step)
             if world > 1 and all_ranks_sum(len(stop), device) and not stop:
@@ -435,11 +445,12 @@ def train(args, on_step=None):
     finally:
         signal.signal(signal.SIGINT, previous)
     if stop:
-        if rank == 0 and not args.shard:
-            atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
-            progress.message(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
-        elif args.shard:
-            progress.message(f"interrupted at step {step}; --shard writes no checkpoint, the best adapter is saved")
+        ck = checkpoint_state(model, opt, step, best, bad, args)
+        if rank == 0:
+            atomic_save(ck, ckpt_path)
+        if world > 1:
+            dist.barrier()  # every rank leaves once the checkpoint is on disk
+        progress.message(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
         raise KeyboardInterrupt
     if bad >= args.patience:
         progress.message(f"early stop at step {step}: dev loss did not improve for {args.patience} evaluations")

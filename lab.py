@@ -385,8 +385,8 @@ def capture_vectors(model, prompts: list, batch_size: int = 16) -> dict:
                 store.setdefault((i, site), []).append(l[:, 0].float())
         return keep
 
-    generators = [(i, bank[0]) for i, layer in enumerate(model.layers) for bank in layer.adapters.values()
-                  if isinstance(bank[0], VectorGenerator)]  # a bank's first module runs for all its rows
+    generators = [(i, vg) for i, layer in enumerate(model.layers) for bank in layer.adapters.values() for vg in bank
+                  if isinstance(vg, VectorGenerator)]  # one per tenant
     if not generators:
         raise ValueError("the model has no PARA adapter attached: there are no generated vectors to look at")
     handles = [m.register_forward_hook(hook(i)) for i, vg in generators

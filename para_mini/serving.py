@@ -58,7 +58,7 @@ class Vectors:
 @dataclass
 class Prompt:
     mask: Optional[torch.Tensor]  # [B, T] True at the prompt tokens PARA pools
-    slots: dict = field(default_factory=dict)  # bank name -> [B] tenant index per row (-1: none), or None: all rows 0
+    slots: dict = field(default_factory=dict)  # bank name -> the tenant of every row, or a list: each row's (-1: none)
 
 
 def make_vectors(banks: nn.ModuleDict, h, prompt: Prompt) -> Vectors:
@@ -66,10 +66,11 @@ def make_vectors(banks: nn.ModuleDict, h, prompt: Prompt) -> Vectors:
     vectors = Vectors()
     for name, slots in prompt.slots.items():
         bank = banks[name]
-        if slots is None:  # one adapter for every row: the modules of model.py as they are
-            out = bank[0](h, prompt.mask)
-        else:
+        if isinstance(slots, int):  # one adapter for every row: its module of model.py as it is
+            out, slots = bank[slots](h, prompt.mask), None
+        else:  # each row its own tenant's weights, [B, ...], in place of the first module's parameters
             out = functional_call(bank[0], tenant_rows(bank, slots), (h, prompt.mask))
+            slots = torch.tensor(slots, device=h.device)
         for site, t in out.items():
             if bank.config.method == "lora":
                 A, B = t
@@ -83,12 +84,11 @@ def make_vectors(banks: nn.ModuleDict, h, prompt: Prompt) -> Vectors:
     return vectors
 
 
-def tenant_rows(bank: nn.ModuleList, slots):
-    """Each parameter of the bank's tenants stacked [n, ...], then each row's own [B, ...] picked from it
-    (rows outside the bank take tenant 0; identity_rows then restores the identity there)."""
-    index = slots.clamp(min=0)
-    return {name: torch.stack([tenant.get_parameter(name) for tenant in bank])[index]
-            for name, _ in bank[0].named_parameters()}
+def tenant_rows(bank: nn.ModuleList, slots: list) -> dict:
+    """Each parameter of the bank with each row's own tenant's tensor, stacked [B, ...] (rows outside the bank take
+    tenant 0; identity_rows then restores the identity there)."""
+    tenants = {s: dict(bank[max(s, 0)].named_parameters()) for s in set(slots)}
+    return {name: torch.stack([tenants[s][name] for s in slots]) for name in tenants[slots[0]]}
 
 
 def identity_rows(t, slots, identity: float):
@@ -102,7 +102,7 @@ def read_prompt(model, shape, prompt_lens, pad, adapters) -> Prompt:
     """Which tokens PARA pools (each row's prompt, after its left padding), and which adapter each row uses."""
     B, T = shape
     device = model.output.weight.device
-    slots = resolve_slots(model.tenants, adapters, B, device)
+    slots = resolve_slots(model.tenants, adapters, B)
     if prompt_lens is None:
         if any(model.layers[0].adapters[b].config.method == "para" for b in slots):
             raise ValueError("PARA pools the prompt: pass prompt_lens, each row's prompt length, so that the "
@@ -116,13 +116,13 @@ def read_prompt(model, shape, prompt_lens, pad, adapters) -> Prompt:
     return Prompt((t >= first) & (t < first + prompt_lens[:, None]), slots)
 
 
-def resolve_slots(tenants: dict, adapters, B: int, device) -> dict:
+def resolve_slots(tenants: dict, adapters, B: int) -> dict:
     """Which tenant of which bank each row uses. tenants: adapter name -> (bank, slot); adapters: a name per row."""
     if adapters is None:
         if len(tenants) > 1:
             raise ValueError(f"{len(tenants)} adapters are attached ({', '.join(tenants)}): "
                              "pass adapters=[name or None per row]")
-        return {bank: None for bank, _ in tenants.values()}  # the single adapter, shared by every row
+        return {bank: slot for bank, slot in tenants.values()}  # the single adapter, shared by every row
     if len(adapters) != B:
         raise ValueError(f"adapters names {len(adapters)} rows, the batch has {B}")
     unknown = sorted({a for a in adapters if a is not None and a not in tenants})
@@ -133,7 +133,7 @@ def resolve_slots(tenants: dict, adapters, B: int, device) -> dict:
         if name is not None:
             bank, slot = tenants[name]
             slots.setdefault(bank, [-1] * B)[row] = slot
-    return {bank: torch.tensor(s, device=device) for bank, s in slots.items()}
+    return {bank: s[0] if len(set(s)) == 1 and s[0] >= 0 else s for bank, s in slots.items()}
 
 
 class KVCache(nn.Module):

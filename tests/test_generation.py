@@ -157,7 +157,7 @@ def test_the_vector_generator_runs_at_prefill_only():
     model = tiny_model(vocab=64)
     names = tenants(model)
     calls = []
-    hooks = [m[0].register_forward_hook(lambda *_: calls.append(1))  # a bank's first module runs for all its rows
+    hooks = [m[0].register_forward_hook(lambda *_: calls.append(1))  # a mixed batch runs a bank's first module
              for layer in model.layers for m in layer.adapters.values() if isinstance(m[0], VectorGenerator)]
     assert len(hooks) == len(model.layers)  # the two PARA tenants share one bank: one generator per layer
     requests = [Request(p, a, 10) for p, a in zip(random_prompts(64, [5, 8, 3, 6, 7]), names)]

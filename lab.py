@@ -51,8 +51,8 @@ RESULTS, RUNS = ROOT / "lab" / "results", ROOT / "lab" / "runs"
 # label_first_accuracy).
 TASKS = {
     "sst2": {"train": "sst2/train.tsv", "dev": None, "test": "sst2/dev.tsv",
-             "flags": ["--max-train", "2400", "--max-eval", "400", "--batch-size", "16", "--max-steps", "150",
-                       "--eval-every", "50", "--lr", "1e-2", "--max-new-tokens", "6"],
+             "flags": ["--max-train", "20000", "--max-eval", "872", "--batch-size", "16", "--max-steps", "800",
+                       "--eval-every", "200", "--lr", "1e-2", "--max-new-tokens", "6", "--system", ""],
              "quick": ["--max-steps", "150", "--max-eval", "200", "--eval-every", "50"]},
     "boolq": {"train": "boolq/train.jsonl", "dev": "boolq/dev.jsonl", "test": "boolq/test.jsonl",
               "flags": ["--max-eval", "400", "--max-len", "256", "--batch-size", "16", "--max-steps", "120",

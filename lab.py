@@ -116,7 +116,7 @@ def run_argv(opts, cfg: AdapterConfig, seed: int, out: Path) -> list:
     files += ["--dev", str(data / t["dev"])] if t["dev"] else []
     return files + t["flags"] + method_flags(cfg) + [
         "--weights", str(opts.shared / "assets" / "stories260K" / "hf"), "--device", "cpu", "--beam", "1",
-        "--log-every", "1000000", "--seed", str(seed), "--out", str(out)] + opts.train_flags
+        "--log-every", "1000000", "--seed", str(seed), "--out", str(out), "--overwrite"] + opts.train_flags
 
 
 def train_one(opts, table: str, name: str, cfg: AdapterConfig, seed: int) -> dict:
@@ -325,7 +325,7 @@ def test_prompts(opts, tok, n: int) -> tuple:
     task, examples = load_task(opts.shared / "data" / t["test"])
     examples = one_per_query(examples)[:n]
     budget = train.MAX_NEW_TOKENS.get(task, 8)
-    pairs, _ = train.tokenize(examples, tok, run_settings(opts).max_len, SYSTEM_PROMPT, budget)
+    pairs, _, _ = train.tokenize(examples, tok, run_settings(opts).max_len, SYSTEM_PROMPT, budget)
     return [p for p, _ in pairs], examples
 
 

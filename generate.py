@@ -268,6 +268,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # while loading, or while a --prompt is answered: nothing to keep
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     if before:
         print(f"{args.output}: {before} requests answered by an earlier run, skipped", file=sys.stderr)
     progress = Progress(len(entries))

@@ -14,6 +14,8 @@ and the numbers we measured.
 import argparse
 import contextlib
 import json
+import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -22,6 +24,7 @@ import sys
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,10 +52,12 @@ RESULTS, RUNS = ROOT / "lab" / "results", ROOT / "lab" / "runs"
 TASKS = {
     "sst2": {"train": "sst2/train.tsv", "dev": None, "test": "sst2/dev.tsv",
              "flags": ["--max-train", "2400", "--max-eval", "400", "--batch-size", "16", "--max-steps", "150",
-                       "--eval-every", "50", "--lr", "1e-2", "--max-new-tokens", "6"]},
+                       "--eval-every", "50", "--lr", "1e-2", "--max-new-tokens", "6"],
+             "quick": ["--max-steps", "150", "--max-eval", "200", "--eval-every", "50"]},
     "boolq": {"train": "boolq/train.jsonl", "dev": "boolq/dev.jsonl", "test": "boolq/test.jsonl",
               "flags": ["--max-eval", "400", "--max-len", "256", "--batch-size", "16", "--max-steps", "120",
-                        "--eval-every", "40", "--lr", "1e-2", "--max-new-tokens", "2"]},
+                        "--eval-every", "40", "--lr", "1e-2", "--max-new-tokens", "2"],
+              "quick": ["--max-steps", "60", "--max-eval", "200", "--eval-every", "30"]},
 }
 SEEDS = (0, 1, 2)
 # The size knob each method's budget is matched with: PARA's bottleneck, LoRA's rank, and for (IA)^3 and BitFit the
@@ -110,29 +115,31 @@ def method_flags(cfg: AdapterConfig) -> list:
 
 # ------------------------------------------------------------------------------------------------ training runs
 
-def run_argv(opts, cfg: AdapterConfig, seed: int, out: Path) -> list:
+def run_argv(opts, cfg: AdapterConfig, seed: int, out: Path, extra=()) -> list:
     t, data = TASKS[opts.data], opts.shared / "data"
     files = ["--data", str(data / t["train"]), "--test", str(data / t["test"])]
     files += ["--dev", str(data / t["dev"])] if t["dev"] else []
     return files + t["flags"] + method_flags(cfg) + [
         "--weights", str(opts.shared / "assets" / "stories260K" / "hf"), "--device", "cpu", "--beam", "1",
-        "--log-every", "1000000", "--seed", str(seed), "--out", str(out), "--overwrite"] + opts.train_flags
+        "--log-every", "1000000", "--seed", str(seed), "--out", str(out), "--overwrite",  # a re-run replaces it
+    ] + opts.train_flags + list(extra)
 
 
-def train_one(opts, table: str, name: str, cfg: AdapterConfig, seed: int) -> dict:
-    """One train.py run, its output kept in lab/runs/<table>/<name>-seed<seed>/train.log; one line printed."""
+def train_one(opts, table: str, name: str, cfg: AdapterConfig, seed: int, extra=()) -> dict:
+    """One train.py run, its output kept in lab/runs/<table>/<name>-seed<seed>/train.log; one line printed.
+    `extra`: train.py flags of this run alone (they come last, so they win)."""
     out = RUNS / table / f"{name}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(out / "train.log", "w") as log, contextlib.redirect_stdout(log):
-        summary = train.train(train.parse_args(run_argv(opts, cfg, seed, out)))
+        summary = train.train(train.parse_args(run_argv(opts, cfg, seed, out, extra)))
     seconds = time.time() - t0
     acc = label_first_accuracy(summary["task"], out / "predictions_test.jsonl")
     print(f"  {table}: {name:<12} seed {seed}  test acc {acc:5.1f} (train.py's parse "
           f"{summary['test']['acc']:5.1f})  dev loss {summary['best_dev_loss']:.4f}  ({seconds:.0f} s)", flush=True)
     return {"seed": seed, "test": acc, "test_strict": summary["test"]["acc"],
             "best_dev_loss": summary["best_dev_loss"], "steps": summary["steps"], "seconds": round(seconds, 1),
-            "adapter": summary["adapter"]}
+            "adapter": shown(summary["adapter"])}
 
 
 def label_first(task: str, text: str):
@@ -148,12 +155,63 @@ def label_first_accuracy(task: str, predictions_file: Path) -> float:
     return 100 * sum(label_first(task, r["prediction"]) == r["references"][0] for r in rows) / len(rows)
 
 
+# ---------------------------------------------------------------------------------------------------- the noise
+
+Z95 = 1.959964  # the normal distribution's 97.5% quantile: +-Z95 standard errors hold 95%
+NOISE_NOTE = ("The 95% interval is that of the mean over the seeds, from the seeds' spread and the binomial noise of "
+              "the test size (lab.interval); a verdict calls a difference of two means real only when it is larger "
+              "than the 95% noise of both together (lab.verdict).")
+
+
+def noise_variance(accs: list, n: int) -> float:
+    """The variance (in points^2) of a method's mean test accuracy over its seeds, from two sources of noise:
+    the seeds' spread (sample variance across the k seeds, divided by k for their mean) and the binomial noise of a
+    test set of n examples (p(1 - p) / n; every seed is scored on the same n examples, so it does not shrink with k).
+    With 3 seeds the first term is itself a rough estimate; read the intervals as a guide, not a proof. The binomial
+    term is Agresti and Coull's: two right and two wrong answers added, so that 0% or 100% still has some noise."""
+    k, p = len(accs), statistics.fmean(accs) / 100
+    seeds = statistics.variance(accs) / k if k > 1 else 0.0
+    p_tilde = (p * n + 2) / (n + 4)
+    return seeds + 100 ** 2 * p_tilde * (1 - p_tilde) / (n + 4)
+
+
+def interval(accs: list, n: int) -> tuple:
+    """The 95% interval (low, high) of the mean accuracy in points: mean +- Z95 x its standard error, within 0-100."""
+    mean, half = statistics.fmean(accs), Z95 * math.sqrt(noise_variance(accs, n))
+    return max(0.0, mean - half), min(100.0, mean + half)
+
+
+def verdict(name_a: str, accs_a: list, name_b: str, accs_b: list, n: int) -> str:
+    """One line: is the difference of the mean accuracies of a and b larger than the noise of the two? The noise of
+    the difference is Z95 x sqrt(var_a + var_b), treating the two as independent (they share the test set, so this
+    errs on the cautious side)."""
+    diff = statistics.fmean(accs_a) - statistics.fmean(accs_b)
+    noise = Z95 * math.sqrt(noise_variance(accs_a, n) + noise_variance(accs_b, n))
+    word = "above" if diff > 0 else "below"
+    if abs(diff) > noise:
+        return f"{name_a} is {abs(diff):.1f} points {word} {name_b}: larger than the noise (±{noise:.1f})"
+    return f"{name_a} vs {name_b}: {diff:+.1f} points, within the noise (±{noise:.1f}): no difference shown"
+
+
+def train_many(opts, jobs: list) -> list:
+    """train_one for each (table, name, cfg, seed, extra) in jobs, --jobs of them at a time. A model this small
+    keeps one core busy with small matrix products far better than two, so separate processes with one thread each
+    finish sooner than one process with every thread; the runs are independent, and their results do not change."""
+    if opts.jobs <= 1:
+        return [train_one(opts, *job) for job in jobs]
+    threads = max(1, (os.cpu_count() or 1) // opts.jobs)
+    with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        return list(pool.map(train_one, [opts] * len(jobs), *zip(*jobs)))
+
+
 def run_rows(opts, table: str, rows: list) -> list:
     """rows: (label, run name, AdapterConfig) -> each with its parameter count and the median over the seeds."""
     args = model_args(opts)
+    done = iter(train_many(opts, [(table, name, cfg, seed, ()) for _, name, cfg in rows for seed in opts.seeds]))
     out = []
     for label, name, cfg in rows:
-        runs = [train_one(opts, table, name, cfg, seed) for seed in opts.seeds]
+        runs = [next(done) for _ in opts.seeds]
         out.append({"method": label, "name": name, "settings": describe(cfg), "config": cfg.__dict__,
                     "parameters": count_parameters(args, cfg), "median": statistics.median(r["test"] for r in runs),
                     "runs": runs})
@@ -181,36 +239,58 @@ def majority_baseline(opts) -> dict:
 
 def settings_line(opts) -> str:
     a = run_settings(opts)
+    system = "the paper's system prompt" if a.system == SYSTEM_PROMPT else \
+        "no system prompt (the paper: its Appendix C one)" if not a.system else "system prompt given by --system"
     return (f"{opts.data}: {a.max_train or 'all'} training examples, {a.max_steps} steps of {a.batch_size}, "
-            f"lr {a.lr:g}, max-len {a.max_len}, dev loss every {a.eval_every} steps (the best adapter is kept), "
-            f"test = the first {a.max_eval} test examples, greedy decoding (the paper: beam 3) of at most "
-            f"{a.max_new_tokens} tokens, median over seeds {', '.join(map(str, opts.seeds))}. Test acc: the label the "
-            "answer starts with; train.py's acc: the label as a whole word (the model never learns to stop)")
+            f"lr {a.lr:g} (the paper: 1e-4 on 7B), {system}, max-len {a.max_len}, dev loss every {a.eval_every} "
+            f"steps (the best adapter is kept), test = the first {a.max_eval} test examples, greedy decoding (the "
+            f"paper: beam 3) of at most {a.max_new_tokens} tokens, seeds {', '.join(map(str, opts.seeds))}. Test acc: "
+            "the label the answer starts with; train.py's acc: the label as a whole word")
 
 
 def result_table(rows, baseline=None) -> str:
-    lines = ["| method | settings | tunable parameters | test acc, median | per seed | train.py's acc, median | "
-             "dev loss, median |", "|---|---|---|---|---|---|---|"]
+    n = baseline["examples"] if baseline else None
+    lines = ["| method | settings | tunable parameters | test acc, median | per seed | mean [95% interval] | "
+             "train.py's acc, median | dev loss, median |", "|---|---|---|---|---|---|---|---|"]
     if baseline:
         b = f"{baseline['test']:.1f}"
-        lines.append(f"| majority class of train | always \"{baseline['label']}\" | 0 | {b} | | {b} | |")
+        low, high = interval([baseline["test"]], n)
+        lines.append(f"| majority class of train | always \"{baseline['label']}\" | 0 | {b} | | "
+                     f"{b} [{low:.1f}, {high:.1f}] | {b} | |")
     for r in rows:
-        seeds = " / ".join(f"{x['test']:.1f}" for x in r["runs"])
+        accs = [x["test"] for x in r["runs"]]
+        seeds = " / ".join(f"{a:.1f}" for a in accs)
         strict = statistics.median(x["test_strict"] for x in r["runs"])
         loss = statistics.median(x["best_dev_loss"] for x in r["runs"])
+        spread = ""
+        if n:
+            low, high = interval(accs, n)
+            spread = f"{statistics.fmean(accs):.1f} [{low:.1f}, {high:.1f}]"
         lines.append(f"| {r['method']} | {r['settings']} | {r['parameters']:,} | {r['median']:.1f} | {seeds} | "
-                     f"{strict:.1f} | {loss:.4f} |")
+                     f"{spread} | {strict:.1f} | {loss:.4f} |")
     return "\n".join(lines)
 
 
+def verdicts(rows, baseline, reference=0) -> list:
+    """A verdict line for every row against the majority class, and for every other row against rows[reference]."""
+    n, accs = baseline["examples"], lambda r: [x["test"] for x in r["runs"]]
+    out = [verdict(r["method"], accs(r), "the majority class", [baseline["test"]], n) for r in rows]
+    ref = rows[reference]
+    out += [verdict(r["method"], accs(r), ref["method"], accs(ref), n) for r in rows if r is not ref]
+    return out
+
+
 def shown(path: Path) -> str:
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+    """A path as the results show it: relative to the project root (../shared/... for the shared files), so that no
+    result names a folder of the machine it ran on."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
 
 
-def write_result(name: str, title: str, command: str, wall: float, body: str, data: dict, note: str = ""):
-    machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, " \
-              f"{torch.get_num_threads()} threads"
+def write_result(opts, name: str, title: str, wall: float, body: str, data: dict, note: str = ""):
+    jobs, command = opts.jobs, opts.command
+    threads = f"{jobs} runs at once, {max(1, (os.cpu_count() or 1) // jobs)} thread(s) each" if jobs > 1 else \
+        f"{torch.get_num_threads()} threads"
+    machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, {threads}"
     took = f"{wall / 60:.1f} min" if wall >= 60 else f"{wall:.0f} s"
     md = f"### {title}\n\n`{command}` ({machine}; wall time {took})\n\n"
     md += (note + "\n\n" if note else "") + body + "\n"
@@ -226,9 +306,11 @@ def run_table(opts, t0, name: str, title: str, rows: list, note: str, **extra):
     """Train every row, then write the table beside the majority baseline; `extra` goes into the JSON first."""
     baseline = majority_baseline(opts)
     results = run_rows(opts, name, rows)
-    write_result(name, title, opts.command, time.time() - t0, result_table(results, baseline),
-                 extra | {"baseline": baseline, "rows": results, "settings": settings_line(opts)},
-                 f"{note}\n{settings_line(opts)}.")
+    judged = verdicts(results, baseline)
+    body = result_table(results, baseline) + "\n\n" + "\n".join(f"- {line}" for line in judged)
+    write_result(opts, name, title, time.time() - t0, body,
+                 extra | {"baseline": baseline, "rows": results, "verdicts": judged, "settings": settings_line(opts)},
+                 f"{note}\n{settings_line(opts)}. {NOISE_NOTE}")
 
 
 def cmd_compare(opts):
@@ -240,7 +322,8 @@ def cmd_compare(opts):
             ("(IA)^3, projected", "ia3", match_budget(args, target, "ia3")),
             ("LoRA", "lora", match_budget(args, target, "lora")),
             ("BitFit, projected", "bitfit", match_budget(args, target, "bitfit"))]
-    run_table(opts, t0, f"compare-{opts.data}", f"PARA against the baselines at a matched budget ({opts.data})", rows,
+    run_table(opts, t0, f"compare-{opts.data}{opts.suffix}",
+              f"PARA against the baselines at a matched budget ({opts.data})", rows,
               f"Budget: {target:,} tunable parameters (PARA r=12's count on this model), each method's knob matched "
               f"to it.", target=target)
 
@@ -256,7 +339,8 @@ def cmd_ablations(opts):
             ("PARADE-3 (q,k,v,g,u, r matched)", "parade-3",
              match_budget(args, target, "para", targets=("q", "k", "v", "g", "u"))),
             ("PARADE-4 (q,v, r matched)", "parade-4", match_budget(args, target, "para", targets=("q", "v")))]
-    run_table(opts, t0, f"ablations-{opts.data}", f"PARADE's variants (paper Table 6) on {opts.data}", rows,
+    run_table(opts, t0, f"ablations-{opts.data}{opts.suffix}", f"PARADE's variants (paper Table 6) on {opts.data}",
+              rows,
               f"PARADE-3 and PARADE-4 get the r closest to PARADE's {target:,} parameters, as the paper chose r=8 and "
               f"r=24 on 7B.", target=target)
 
@@ -267,7 +351,8 @@ def cmd_sweep(opts):
     for r in opts.r:
         K = 4 if r % 4 == 0 else 3  # the capsule pooler needs K | r: K=4 as in the paper where it divides r, else 3
         rows.append((f"PARADE r={r}", f"r{r}", AdapterConfig("para", r=r, K=K)))
-    run_table(opts, t0, f"sweep-{opts.data}", f"PARADE's bottleneck r (paper Figure 2) on {opts.data}", rows,
+    run_table(opts, t0, f"sweep-{opts.data}{opts.suffix}", f"PARADE's bottleneck r (paper Figure 2) on {opts.data}",
+              rows,
               "The bottleneck r of paper Figure 2 (r=12 is the paper's default). The capsule pooler splits r into K "
               "capsules, so K=4 where 4 divides r and K=3 for r=3 and 6.")
 
@@ -320,51 +405,86 @@ def capture_vectors(model, prompts: list, batch_size: int = 16) -> dict:
     return {key: torch.cat(parts) for key, parts in store.items()}
 
 
-def test_prompts(opts, tok, n: int) -> tuple:
+def test_prompts(opts, tok, n: int, system=None) -> tuple:
+    """The first n test prompts of the task, built with the runs' system prompt (or `system`)."""
     t = TASKS[opts.data]
     task, examples = load_task(opts.shared / "data" / t["test"])
     examples = one_per_query(examples)[:n]
     budget = train.MAX_NEW_TOKENS.get(task, 8)
-    pairs, _, _ = train.tokenize(examples, tok, run_settings(opts).max_len, SYSTEM_PROMPT, budget)
+    settings = run_settings(opts)
+    system = settings.system if system is None else system
+    pairs, _, _ = train.tokenize(examples, tok, settings.max_len, system, budget)
     return [p for p, _ in pairs], examples
 
 
-def trained_adapter(opts, path, table: str, cfg: AdapterConfig) -> Path:
-    if path:
-        return Path(path)
-    print(f"training a {cfg.method} adapter on {opts.data} (seed 0; give --{cfg.method} to use your own)")
-    return Path(train_one(opts, table, cfg.method, cfg, 0)["adapter"])
+def vector_stats(opts, path: Path, system: str) -> dict:
+    """The spread of every layer's vectors across the first --n test prompts, for one PARA adapter file."""
+    model = load_model(opts.shared / "assets" / "stories260K" / "hf")
+    tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
+    cfg = adapter_config(model, load_adapter(model, path))
+    prompts, _ = test_prompts(opts, tok, opts.n, system)
+    vectors = capture_vectors(model, prompts)
+    stats = {f"{i}.{site}": vector_spread(l) for (i, site), l in vectors.items() if site != "z"}  # layer by layer
+    pooled = {i: {"norm": z.norm(dim=-1).mean().item(), "spread": vector_spread(z)["spread"]}
+              for (i, site), z in vectors.items() if site == "z"}
+    return {"adapter": shown(path), "pooler": cfg.pooler, "K": cfg.K, "system_prompt": bool(system),
+            "prompts": len(prompts), "stats": stats, "pooled": pooled}
 
 
 def cmd_vectors(opts):
     t0 = time.time()
-    path = trained_adapter(opts, opts.para, "vectors", AdapterConfig("para", r=12))
-    model = load_model(opts.shared / "assets" / "stories260K" / "hf")
-    tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
-    name = load_adapter(model, path)
-    prompts, _ = test_prompts(opts, tok, opts.n)
-    vectors = capture_vectors(model, prompts)
-    stats = {f"{i}.{site}": vector_spread(l) for (i, site), l in vectors.items() if site != "z"}  # layer by layer
-    lines = ["| layer | target | spread across prompts | mean abs(l - 1) | prompt-dependent share |",
-             "|---|---|---|---|---|"]
-    for key, s in stats.items():
+    system = run_settings(opts).system
+    if opts.para:  # the user's adapters, read with the runs' system prompt (-- --system "..." to change it)
+        adapters = [(f"`{shown(p)}`", Path(p), system, None) for p in opts.para]
+    else:  # PARADE's capsule pooler and PARA's last token, each trained with and without the shared system prompt
+        variants = [(pooler, label, sys_prompt) for pooler, label in (("capsule", "capsule (PARADE)"),
+                                                                      ("last", "last token (PARA)"))
+                    for sys_prompt in (system, "" if system else SYSTEM_PROMPT)]
+        print(f"training {len(variants)} PARA adapters on {opts.data} (seed 0; give --para to use your own)")
+        runs = train_many(opts, [("vectors" + opts.suffix, f"para-{pooler}-{'system' if sys_prompt else 'query'}",
+                                  AdapterConfig("para", r=12, pooler=pooler), 0, ("--system", sys_prompt))
+                                 for pooler, _, sys_prompt in variants])
+        adapters = [(f"{label}, {'system prompt + query' if sys_prompt else 'the query alone'}",
+                     ROOT / run["adapter"], sys_prompt, run["test"])
+                    for (_, label, sys_prompt), run in zip(variants, runs)]
+    results = []
+    for label, path, sys_prompt, acc in adapters:
+        results.append({"label": label, "test": acc} | vector_stats(opts, path, sys_prompt))
+
+    def share(r):  # the prompt-dependent share, averaged over layers and targets
+        return statistics.fmean(s["prompt_share"] for s in r["stats"].values())
+
+    lines = ["| adapter: pooler, tokens pooled | test acc | mean abs(l - 1) | prompt-dependent share, mean (max) |",
+             "|---|---|---|---|"]
+    for r in results:
+        off = statistics.fmean(s["off_identity"] for s in r["stats"].values())
+        top = max(s["prompt_share"] for s in r["stats"].values())
+        acc = f"{r['test']:.1f}" if r["test"] is not None else ""
+        lines.append(f"| {r['label']} | {acc} | {off:.3g} | {share(r):.3g} ({top:.3g}) |")
+    lines += ["", "The prompt-dependent share by layer and target, for "
+              + "; ".join(f"({k + 1}) {r['label']}" for k, r in enumerate(results)) + ":", "",
+              "| layer | target | " + " | ".join(f"({k + 1})" for k in range(len(results))) + " |",
+              "|---|---|" + "---|" * len(results)]
+    for key in results[0]["stats"]:
         i, site = key.split(".")
-        lines.append(f"| {i} | {site} | {s['spread']:.3g} | {s['off_identity']:.3g} | {s['prompt_share']:.3g} |")
-    pooled = {i: {"norm": z.norm(dim=-1).mean().item(), "spread": vector_spread(z)["spread"]}
-              for (i, site), z in vectors.items() if site == "z"}
-    if pooled:  # the capsules' lengths are squashed below 1, so |z| is at most sqrt(K)
-        K = adapter_config(model, name).K
-        lines += ["", f"| layer | pooled z: mean length (at most sqrt(K) = {K ** 0.5:.3g}) | spread across prompts |",
-                  "|---|---|---|"]
-        lines += [f"| {i} | {p['norm']:.3g} | {p['spread']:.3g} |" for i, p in pooled.items()]
-    note = (f"Adapter `{shown(path)}`, {len(prompts)} test prompts "
-            f"of {opts.data}. spread = mean over prompts of ||l_p - mean_p l_p|| / ||mean_p l_p|| (0: one constant "
-            "vector, i.e. (IA)^3); mean abs(l - 1): how far from the identity; prompt-dependent share = mean "
-            "||l_p - mean|| / mean ||l_p - 1||. The pooled z is the capsule pooler's output, GeLU(z) W_up + b_up = l.")
-    result = f"vectors-{opts.data}" + (f"-{path.parent.name}" if opts.para else "")  # another adapter, another file
-    write_result(result, f"How much PARA's vectors depend on the prompt ({opts.data})",
-                 opts.command, time.time() - t0, "\n".join(lines),
-                 {"adapter": str(path), "prompts": len(prompts), "stats": stats, "pooled": pooled}, note)
+        lines.append(f"| {i} | {site} | " + " | ".join(f"{r['stats'][key]['prompt_share']:.3g}" for r in results)
+                     + " |")
+    capsules = [r for r in results if r["pooled"]]
+    if capsules:  # the capsules' lengths are squashed below 1, so |z| is at most sqrt(K)
+        K = capsules[0]["K"]
+        lines += ["", f"Capsule pooler: pooled z's mean length (at most sqrt(K) = {K ** 0.5:.3g}) and its spread "
+                  "across prompts, by layer:", "", "| layer | " + " | ".join(r["label"] for r in capsules) + " |",
+                  "|---|" + "---|" * len(capsules)]
+        for i in capsules[0]["pooled"]:
+            lines.append(f"| {i} | " + " | ".join(f"{r['pooled'][i]['norm']:.3g} ({r['pooled'][i]['spread']:.3g})"
+                                                  for r in capsules) + " |")
+    note = (f"{opts.n} test prompts of {opts.data}. spread = mean over prompts of ||l_p - mean_p l_p|| / "
+            "||mean_p l_p|| (0: one constant vector, i.e. (IA)^3); mean abs(l - 1): how far the vectors are from the "
+            "identity; prompt-dependent share = mean ||l_p - mean|| / mean ||l_p - 1||, the part of the adjustment "
+            "that changes with the prompt. The pooled z is the capsule pooler's output, GeLU(z) W_up + b_up = l.")
+    name = f"vectors-{opts.data}{opts.suffix}" + ("-given" if opts.para else "")  # the user's adapters: another file
+    write_result(opts, name, f"How much PARA's vectors depend on the prompt ({opts.data})", time.time() - t0,
+                 "\n".join(lines), {"adapters": results}, note)
 
 
 # --------------------------------------------------------------------------------- inside PARA: attention maps
@@ -465,11 +585,20 @@ def cmd_attention(opts):
     if not all(0 <= i < args.n_layers for i in opts.layers) or not all(0 <= h < args.n_heads for h in opts.heads):
         raise SystemExit(f"error: the model has layers 0-{args.n_layers - 1} and heads 0-{args.n_heads - 1}; "
                          f"asked for layers {opts.layers}, heads {opts.heads}")
-    para_path = trained_adapter(opts, opts.para, "attention", AdapterConfig("para", r=12))
     ia3_cfg = match_budget(args, count_parameters(args, AdapterConfig("para", r=12)), "ia3")  # as in compare
-    ia3_path = trained_adapter(opts, opts.ia3, "attention", ia3_cfg)
+    # The paper's figures are about its system prompt, so this exercise trains and looks with it, whatever the
+    # tables use. Adapters given with --para / --ia3 are read the same way.
+    missing = [(cfg, flag) for cfg, flag in ((AdapterConfig("para", r=12), "para"), (ia3_cfg, "ia3"))
+               if not getattr(opts, flag)]
+    if missing:
+        print(f"training {' and '.join(c.method for c, _ in missing)} on {opts.data} (seed 0; --para and --ia3 take "
+              "your own)")
+    runs = iter(train_many(opts, [("attention" + opts.suffix, cfg.method, cfg, 0, ("--system", SYSTEM_PROMPT))
+                                  for cfg, _ in missing]))
+    para_path, ia3_path = (Path(getattr(opts, flag)) if getattr(opts, flag) else ROOT / next(runs)["adapter"]
+                           for flag in ("para", "ia3"))
     tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
-    prompts, examples = test_prompts(opts, tok, opts.index + 1)
+    prompts, examples = test_prompts(opts, tok, opts.index + 1, SYSTEM_PROMPT)
     prompt = prompts[opts.index]
     tokens = torch.tensor([prompt])
     maps = {}
@@ -492,7 +621,7 @@ def cmd_attention(opts):
         lines.append(f"| {i} | {last['base']:.3f} / {last['(IA)^3']:.3f} / {last['PARADE']:.3f} | "
                      f"{among['base']:.3f} / {among['(IA)^3']:.3f} / {among['PARADE']:.3f} |")
 
-    folder = RESULTS / f"attention-{opts.data}"
+    folder = RESULTS / f"attention-{opts.data}{opts.suffix}"
     folder.mkdir(parents=True, exist_ok=True)
     images = []
     for i in opts.layers:
@@ -514,10 +643,10 @@ def cmd_attention(opts):
             "sqrt of its share of the largest difference.")
     body = "\n".join(lines) + "\n\n" + "\n".join(f"![layer {i}]({p.relative_to(RESULTS)})"
                                                   for i, p in zip(opts.layers, images))
-    write_result(f"attention-{opts.data}", f"Attention under PARADE and (IA)^3 (paper Figures 3-6, {opts.data})",
-                 opts.command, time.time() - t0, body,
+    write_result(opts, f"attention-{opts.data}{opts.suffix}",
+                 f"Attention under PARADE and (IA)^3 (paper Figures 3-6, {opts.data})", time.time() - t0, body,
                  {"prompt": examples[opts.index].query, "tokens": T, "system_end": sys_end, "stats": stats,
-                  "images": [str(p) for p in images], "para": str(para_path), "ia3": str(ia3_path)}, note)
+                  "images": [shown(p) for p in images], "para": shown(para_path), "ia3": shown(ia3_path)}, note)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -534,7 +663,11 @@ def parse_args(argv=None):
         s = sub.add_parser(name, help=help, description=help)
         s.add_argument("--data", choices=sorted(TASKS), default=data, help=f"task (default: {data})")
         if seeds:
-            s.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds (default: 0 1 2)")
+            s.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; with --quick: 0)")
+        s.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                       help="training runs at once, each in its own process (default: 2, or 1 on a 1-core machine)")
+        s.add_argument("--quick", action="store_true", help="the classroom version, about 2 minutes: one seed, "
+                       "fewer steps and test examples (results go to <name>-quick.md / .json)")
         return s
 
     s = command("compare", "Table 1 in miniature: PARADE, PARA (last token), (IA)^3, LoRA and BitFit at matched "
@@ -545,8 +678,9 @@ def parse_args(argv=None):
     s = command("sweep", "Figure 2: PARADE's bottleneck r, median of 3 seeds", data="boolq")
     s.add_argument("--r", type=int, nargs="+", default=[3, 6, 12, 24], help="bottlenecks (default: 3 6 12 24)")
     s = command("vectors", "Do PARA's generated vectors depend on the prompt? Spread across prompts per layer and "
-                "target (trains a PARADE adapter first unless --para is given)", seeds=False)
-    s.add_argument("--para", help="a trained PARA adapter file (default: train one)")
+                "target, for the capsule and last-token poolers, pooling the system prompt with the query or the "
+                "query alone (trains the four adapters first unless --para is given)", seeds=False)
+    s.add_argument("--para", nargs="+", help="trained PARA adapter files (default: train four, see LAB.md)")
     s.add_argument("--n", type=int, default=128, help="prompts from the test set (default 128)")
     s = command("attention", "Figures 3-6: attention maps of one prompt under PARADE and (IA)^3, as PNGs (trains "
                 "both adapters first unless --para and --ia3 are given)", seeds=False)
@@ -560,8 +694,11 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     opts = p.parse_args(ours)
-    opts.train_flags = extra  # after "--": train.py flags that override the table's, e.g. -- --max-steps 50
-    opts.seeds = getattr(opts, "seeds", [0])
+    # after "--": train.py flags that override the table's, e.g. -- --max-steps 50 (later flags win in argparse)
+    opts.train_flags = (TASKS[opts.data]["quick"] if opts.quick else []) + extra
+    opts.seeds = getattr(opts, "seeds", None) or ([0] if opts.quick or opts.cmd in ("vectors", "attention")
+                                                  else list(SEEDS))
+    opts.suffix = "-quick" if opts.quick else ""
     opts.command = "python lab.py " + " ".join(argv)
     return opts
 

@@ -6,6 +6,10 @@ The loop is written out by hand so it reads top to bottom: AdamW, linear decay a
 accumulation and clipping, loss on the response tokens only, dev loss every --eval-every steps with early
 stopping, the best adapter saved atomically, a resumable checkpoint (also on Ctrl-C), then test predictions and
 the paper's metric, written as a JSON summary next to the adapter.
+
+More than one GPU: the same script under torchrun (README, "More than one GPU"); --shard splits the backbone.
+
+    torchrun --nproc_per_node 8 train.py --data boolq.jsonl --weights weights/Llama-2-7b-hf --grad-accum 8
 """
 import argparse
 import hashlib
@@ -21,15 +25,20 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_adapter, load_model, load_tokenizer,
+from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_model, load_tokenizer,
                        save_adapter)
-from para_mini.adapters import adapter_state, base_shape, remove_adapter
+from para_mini.adapters import adapter_state, base_shape, read_adapter
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
 from para_mini.generation import generate_texts
-from para_mini.loading import model_names
+from para_mini.loading import check_tensors, model_names, read_checkpoint
 from para_mini.metrics import METRIC, score
+from para_mini.model import METHODS, Transformer
 
 # How much each task may generate at evaluation: labels are a word or two, the rest are free text.
 MAX_NEW_TOKENS = {"gsm8k": 256, "e2e": 96, "wikisql": 96, "alpaca": 256, "generic": 128, "squad": 32,
@@ -57,6 +66,8 @@ def parse_args(argv=None):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=["fp32", "bf16"], help="backbone dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    g.add_argument("--shard", action="store_true",
+                   help="under torchrun: split the backbone across the GPUs (FSDP2), for a model larger than one GPU")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["para", "lora", "ia3", "bitfit"], default="para")
     g.add_argument("--targets", help="comma-separated among q,k,v,o,g,u,d (default: the method's own)")
@@ -74,7 +85,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=float, default=3)
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
     g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (under torchrun: shared among the GPUs)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
     g.add_argument("--eval-every", type=int, default=100, help="dev loss every N steps")
     g.add_argument("--patience", type=int, default=10, help="stop after N evaluations without a better dev loss")
@@ -209,28 +221,32 @@ def file_digest(path):
 
 def weights_digest(model):
     """The base model by shape and a sample of its values (every norm, a few embedding rows), rounded to bf16 so
-    that fp32 and bf16 loads agree: the same weights under another path or in another format are the same run."""
+    that fp32 and bf16 loads agree: the same weights under another path or in another format are the same run.
+    Under --shard every rank must call this (it gathers the sampled tensors whole)."""
     h = hashlib.sha256(json.dumps(base_shape(model.args), sort_keys=True).encode())
     for name in model_names(model.args):
         if "norm" in name or name == "tok_embeddings.weight":
-            t = model.get_parameter(name).detach()
+            t = whole(model.get_parameter(name)).detach()
             t = torch.cat([t[:8], t[-8:]]) if t.dim() == 2 else t
             h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return "sha256:" + h.hexdigest()[:16]
 
 
 def same_run_settings(args, model):
-    # files by content, not by how their path is spelt (a relative and an absolute path are the same file)
+    # files by content, not by how their path is spelt (a relative and an absolute path are the same file);
+    # made once per run, on every rank under --shard (weights_digest gathers)
     settings = {k: getattr(args, k) for k in SAME_RUN}
     settings["data"], settings["dev"] = file_digest(args.data), args.dev and file_digest(args.dev)
     settings["weights"] = weights_digest(model)
     return settings
 
 
-def checkpoint_state(model, opt, step, best, bad, args):
-    return {"step": step, "best": best, "bad": bad, "optimizer": opt.state_dict(),
-            "settings": same_run_settings(args, model),
-            "adapter": {k: v.detach().clone() for k, v in adapter_state(model, "default").items()}}
+def checkpoint_state(model, opt, step, best, bad, settings):
+    """Every tensor whole, so one file resumes with or without torchrun; under --shard every rank must call this."""
+    optimizer = opt.state_dict()  # AdamW's moments are sharded like their parameters under --shard: gather them
+    optimizer["state"] = {i: {k: whole(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
+    return {"step": step, "best": best, "bad": bad, "optimizer": optimizer, "settings": settings,
+            "adapter": adapter_tensors(model)}
 
 
 class Progress:
@@ -272,9 +288,10 @@ class Progress:
 RUN_FILES = ("adapter.safetensors", "checkpoint.pt", "summary.json", "predictions_dev.jsonl", "predictions_test.jsonl")
 
 
-def claim_out(out, args):
+def claim_out(out, args, rank=0):
     """Make `out` this run's folder. A folder holding another run is refused: it is continued (--resume), replaced
-    (--overwrite) or left alone (another --out), never silently overwritten or mixed with this one."""
+    (--overwrite) or left alone (another --out), never silently overwritten or mixed with this one. Under torchrun
+    every rank checks (and refuses alike), rank 0 alone deletes and makes the folder."""
     found = [name for name in RUN_FILES if (out / name).exists()]
     if args.resume:
         if not (out / "checkpoint.pt").exists():
@@ -283,13 +300,115 @@ def claim_out(out, args):
     if found and not args.overwrite:
         raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): continue it with --resume, "
                               "replace it with --overwrite, or give another --out")
-    for name in found:
-        (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        for name in found:
+            (out / name).unlink()
+        out.mkdir(parents=True, exist_ok=True)
+
+
+# ------------------------------------------------------------------------------- more than one process (torchrun)
+# nanoGPT's way: torchrun starts one process per GPU and sets RANK / WORLD_SIZE / LOCAL_RANK; each process takes its
+# share of every step's micro-batches, PyTorch averages the adapter's gradients (DDP, or FSDP2 with --shard), and
+# rank 0 alone prints and writes files. Plain `python train.py` is one process of rank 0.
+
+def start_processes(args):
+    """(rank, world size): joins torchrun's process group and takes this rank's GPU; (0, 1) without torchrun."""
+    if "RANK" not in os.environ:
+        if args.shard:
+            raise ValueError("--shard splits the model across processes: launch with torchrun --nproc_per_node N")
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    if args.grad_accum % world:
+        raise ValueError(f"the --grad-accum {args.grad_accum} micro-batches of a step are shared among {world} "
+                         f"processes: make it a multiple of {world} (e.g. --batch-size 1 --grad-accum {world})")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
+    return rank, world
+
+
+def all_ranks_sum(x: float, device) -> float:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def rank_0s(x: float, device) -> float:
+    """Rank 0's value on every rank, so that all ranks take rank 0's decisions (best adapter, early stop)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return t.item()
+
+
+def load_sharded(args, cfg, dtype):
+    """The model with its adapter split across the ranks by FSDP2, one shard per rank and never whole on any: built
+    on the meta device, each block sharded, then every tensor read alone from the memory-mapped checkpoint, and only
+    this rank's rows of it kept (distribute_tensor with src_data_rank=None slices locally, sends nothing)."""
+    margs, tensors, unused = read_checkpoint(Path(args.weights))
+    with torch.device("meta"):
+        model = Transformer(margs)  # a tied output is loaded as an equal copy of the embedding (LLaMA-2 is untied)
+    check_tensors(args.weights, tensors, {n: tuple(t.shape) for n, t in model.state_dict().items()}, unused)
+    with torch.random.fork_rng(devices=[]):  # the adapter's initial values, drawn as add_adapter draws them
+        fresh = [METHODS[cfg.method](1, margs, cfg).state_dict() for _ in model.layers]
+    add_adapter(model, cfg)  # on the meta device: the shapes, and requires_grad on the adapter alone
+    for block in model.layers:
+        fully_shard(block)  # a block's weights are gathered for its forward and backward, then freed
+    fully_shard(model)  # the embedding, final norm and LM head
+    bank, _ = model.tenants["default"]
+    state = {}
+    for name, p in model.state_dict().items():
+        if ".adapters." in name:
+            i, k = name.split(".")[1], name.split(f".adapters.{bank}.")[1]
+            full = fresh[int(i)][k].to(args.device)  # fp32, as add_adapter keeps adapters
+        else:
+            full = tensors[name].read().to(device=args.device, dtype=dtype)
+        state[name] = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def whole(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t  # sharded: gathered from every rank (all must call)
+
+
+def adapter_tensors(model):
+    """The adapter's tensors by file name, whole; under --shard every rank must call this (it gathers)."""
+    return {k: whole(v).detach().clone() for k, v in adapter_state(model, "default").items()}
+
+
+def like(p, t):
+    """A whole tensor t as parameter p holds it: under --shard this rank's rows of it alone (sliced, not sent)."""
+    t = t.to(p.device, p.dtype)
+    return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor) else t
+
+
+def set_adapter(model, tensors):
+    """Copy an adapter's tensors (file name -> whole tensor) into the model; under --shard each rank its rows."""
+    bank, _ = model.tenants["default"]
+    params = [p for layer in model.layers for p in layer.adapters[bank].parameters()]  # in adapter_state's order
+    with torch.no_grad():
+        for p, name in zip(params, adapter_state(model, "default"), strict=True):
+            p.copy_(like(p, tensors[name][None]))  # [1, ...]: train.py's model holds one tenant
+
+
+def set_optimizer(opt, params, state):
+    """opt.load_state_dict of checkpoint_state's whole tensors; under --shard each rank keeps its rows of each."""
+    for i, s in state["state"].items():
+        s.update({k: like(params[i], v) for k, v in s.items() if k != "step"})  # the step count is one number
+    opt.load_state_dict(state)
 
 
 def train(args, on_step=None):
     torch.manual_seed(args.seed)
+    rank, world = start_processes(args)  # (0, 1) without torchrun
     device = args.device
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device != "cpu" else "fp32")]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
@@ -309,10 +428,18 @@ def train(args, on_step=None):
     dev_eval = one_per_query(dev_ex)[:args.max_eval]
     test_eval = one_per_query(test_ex)[:args.max_eval] if test_ex else None
     out = Path(args.out or f"runs/{task}-{args.method}")
-    claim_out(out, args)
+    claim_out(out, args, rank)  # before the model loads: a refused folder costs nothing
+    if world > 1:
+        dist.barrier()  # every rank starts once rank 0 has emptied the folder (--overwrite)
 
     # model, tokenizer, adapter
-    model = load_model(args.weights, dtype=dtype, device=device, max_seq_len=None)
+    targets = tuple(args.targets.split(",")) if args.targets else ()
+    cfg = AdapterConfig(args.method, targets, r=args.r or 0, pooler=args.pooler, K=args.K, alpha=args.lora_alpha,
+                        proj=args.proj)
+    if args.shard:
+        model = load_sharded(args, cfg, dtype)  # with the adapter already attached
+    else:
+        model = load_model(args.weights, dtype=dtype, device=device, max_seq_len=None)
     tok = load_tokenizer(args.tokenizer or find_tokenizer(args.weights))
     if tok.vocab_size != model.args.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model {model.args.vocab_size}: "
@@ -332,30 +459,29 @@ def train(args, on_step=None):
     if not train_pairs or not dev_pairs:
         raise ValueError(f"every {'train' if not train_pairs else 'dev'} example is longer than --max-len "
                          f"{args.max_len} tokens")
-    targets = tuple(args.targets.split(",")) if args.targets else ()
-    cfg = AdapterConfig(args.method, targets, r=args.r or 0, pooler=args.pooler, K=args.K, alpha=args.lora_alpha,
-                        proj=args.proj)
-    add_adapter(model, cfg)
+    if not args.shard:
+        add_adapter(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"{args.method}: {sum(p.numel() for p in params):,} tunable parameters ({asdict(cfg)})", flush=True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # DDP averages the adapter's gradients over the ranks in backward (the frozen backbone has none to send);
+    # --shard's FSDP2 does the same for the shards. Evaluation calls `model` itself, which DDP leaves untouched.
+    ddp_model = DDP(model) if world > 1 and not args.shard else model
 
     per_step = args.batch_size * args.grad_accum
     total = args.max_steps or max(1, math.ceil(args.epochs * len(train_pairs) / per_step))
     ckpt_path, adapter_path = out / "checkpoint.pt", out / "adapter.safetensors"
+    settings = same_run_settings(args, model)  # what a resume must find unchanged; --shard: every rank gathers
     step, best, bad = 0, float("inf"), 0
     if args.resume:
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        now = same_run_settings(args, model)
-        changed = {k: (v, now[k]) for k, v in ck["settings"].items() if now.get(k) != v}
+        changed = {k: (v, settings.get(k)) for k, v in ck["settings"].items() if settings.get(k) != v}
         if changed:
             raise ValueError(f"--resume: {ckpt_path} was written with other settings (was, now; files and the base "
                              f"weights by content): {changed}; resume with the interrupted run's flags and files, "
                              "or start anew with another --out")
-        with torch.no_grad():
-            for k, p in adapter_state(model, "default").items():
-                p.copy_(ck["adapter"][k])
-        opt.load_state_dict(ck["optimizer"])
+        set_adapter(model, ck["adapter"])
+        set_optimizer(opt, params, ck["optimizer"])
         step, best, bad = ck["step"], ck["best"], ck["bad"]
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
 
@@ -365,7 +491,7 @@ def train(args, on_step=None):
     stop = []  # Ctrl-C asks to stop at the next step boundary, so the checkpoint is never half-updated
 
     def on_ctrl_c(signum, frame):
-        if stop:
+        if stop and world == 1:  # (torchrun passes a terminal's Ctrl-C on: each rank gets it twice; it kills late ranks)
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         stop.append(True)
         progress.message("Ctrl-C: saving a checkpoint after this step (press again to quit at once)")
@@ -380,47 +506,62 @@ def train(args, on_step=None):
             batch = [train_pairs[i] for i in batch_indices(step, len(train_pairs), per_step, args.seed)]
             n_tokens = sum(len(r) for _, r in batch)  # the loss is a mean over the step's response tokens
             step_loss = 0.0
-            for m in range(0, per_step, args.batch_size):
+            for m in range(rank * args.batch_size, per_step, world * args.batch_size):  # this rank's micro-batches
                 tokens, tgt, lens = collate(batch[m:m + args.batch_size], tok.pad_id, device)
-                loss = loss_sum(model, tokens, tgt, lens, autocast) / n_tokens
+                # * world: DDP / FSDP average the ranks' gradients, and the step's gradient is their sum
+                loss = loss_sum(ddp_model, tokens, tgt, lens, autocast) * world / n_tokens
                 loss.backward()
-                step_loss += loss.item()
-                progress.tokens += tokens.numel()
+                step_loss += loss.item() / world
+                progress.tokens += tokens.numel() * world  # the other ranks' micro-batches are about as large
             torch.nn.utils.clip_grad_norm_(params, args.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             progress.train_seconds += time.time() - t0
             if step % args.log_every == 0 or step == total:
-                progress.show(step - 1, step_loss, lr)
+                progress.show(step - 1, all_ranks_sum(step_loss, device), lr)
             if step % args.eval_every == 0 or step == total:
                 model.eval()
-                loss = dev_loss(model, dev_pairs, args, tok.pad_id, autocast, progress.count)
+                # every rank computes it (--shard: each forward needs them all) and all take rank 0's number
+                loss = rank_0s(dev_loss(model, dev_pairs, args, tok.pad_id, autocast, progress.count), device)
                 model.train()
                 better = loss < best
                 best, bad = (loss, 0) if better else (best, bad + 1)
                 if better:
-                    save_adapter(model, adapter_path)
+                    adapter = adapter_tensors(model)  # --shard: gathered from every rank
+                    if rank == 0:
+                        save_adapter(model, adapter_path, tensors=adapter)
                 progress.message(f"step {step}: dev loss {loss:.4f}" + ("  (best: adapter saved)" if better else
                                  f"  (no better for {bad} / {args.patience})"))
-                atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
+                ck = checkpoint_state(model, opt, step, best, bad, settings)  # --shard: gathered from every rank
+                if rank == 0:
+                    atomic_save(ck, ckpt_path)
             if on_step is not None:
                 on_step(step)
+            if world > 1 and all_ranks_sum(len(stop), device) and not stop:
+                stop.append(True)  # a Ctrl-C that reached any rank stops every rank after this same step
     finally:
         signal.signal(signal.SIGINT, previous)
     if stop:
-        atomic_save(checkpoint_state(model, opt, step, best, bad, args), ckpt_path)
+        ck = checkpoint_state(model, opt, step, best, bad, settings)
+        if rank == 0:
+            atomic_save(ck, ckpt_path)
+        if world > 1:
+            dist.barrier()  # every rank leaves once the checkpoint is on disk
         progress.message(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
         raise KeyboardInterrupt
     if bad >= args.patience:
         progress.message(f"early stop at step {step}: dev loss did not improve for {args.patience} evaluations")
+    if world > 1:
+        dist.barrier()  # rank 0 has written the best adapter
+        if rank != 0 and not args.shard:
+            return None  # DDP: rank 0 alone evaluates
     if not adapter_path.exists():
         raise RuntimeError(f"no adapter was saved in {out}: the dev loss was never finite")
 
     # evaluation with the best adapter, as it is saved on disk
     model.eval()
-    remove_adapter(model, "default")
-    load_adapter(model, adapter_path, "default")
+    set_adapter(model, read_adapter(adapter_path)[2])
     summary = {"task": task, "metric_name": METRIC[task], "adapter": str(adapter_path), "steps": step,
                "best_dev_loss": best, "train_examples": len(train_pairs), "truncated": cut + dev_cut,
                "skipped_too_long": skipped, "settings": {k: v for k, v in vars(args).items()},
@@ -436,9 +577,13 @@ def train(args, on_step=None):
             note = f"; {skipped[f'{name} predictions']} too long, skipped" if args.skip_long else ""
             print(f"{name} {METRIC[task]}: {summary[name][METRIC[task]]:.2f} ({len(part)} examples{note})",
                   flush=True)
+            if rank != 0:
+                continue  # --shard: every rank generates (each forward needs them all), rank 0 writes
             with open(out / f"predictions_{name}.jsonl", "w") as f:
                 for ex, pred in zip(part, preds):
                     f.write(json.dumps({"prompt": ex.query, "prediction": pred, "references": ex.references}) + "\n")
+    if rank != 0:
+        return summary
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, out / "summary.json")
@@ -466,6 +611,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:

@@ -62,11 +62,12 @@ def adapter_state(model: Transformer, name: str) -> dict:
             for i, layer in enumerate(model.layers) for k, p in layer.adapters[bank].named_parameters()}
 
 
-def save_adapter(model: Transformer, path, name: str = None):
-    """Write one adapter to a .safetensors file, atomically (a crash never leaves a half-written file)."""
+def save_adapter(model: Transformer, path, name: str = None, tensors: dict = None):
+    """Write one adapter to a .safetensors file, atomically (a crash never leaves a half-written file).
+    tensors: its adapter_state already gathered whole, where the model is sharded across processes (train.py)."""
     name = name or _only_tenant(model)
     cfg = adapter_config(model, name)
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in adapter_state(model, name).items()}
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in (tensors or adapter_state(model, name)).items()}
     metadata = {"format": "para-mini", "method": cfg.method, "config": json.dumps(dataclasses.asdict(cfg)),
                 "base": json.dumps(base_shape(model.args))}
     path = Path(path)

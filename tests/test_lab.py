@@ -73,6 +73,58 @@ def test_the_lab_scores_the_label_an_answer_starts_with():
     assert lab.label_first("sst2", "pos") is None and lab.label_first("boolq", "maybe") is None
 
 
+# -------------------------------------------------------------------------------------------------- the noise
+
+def agresti_coull_variance(p, n):  # in points^2: two right and two wrong answers added
+    p = (p * n + 2) / (n + 4)
+    return 1e4 * p * (1 - p) / (n + 4)
+
+
+def test_one_run_has_the_binomial_interval_of_its_test_size():
+    # 240 of 400 right: p~ = 242 / 404, standard error sqrt(p~(1 - p~) / 404) = 2.438 points, half-width 4.779
+    low, high = lab.interval([60.0], 400)
+    half = 1.959964 * math.sqrt(242 / 404 * 162 / 404 / 404) * 100
+    assert half == pytest.approx(4.779, abs=1e-3)
+    assert (low, high) == pytest.approx((60 - half, 60 + half), abs=1e-9)
+
+
+def test_a_perfect_score_still_has_an_interval_and_it_stays_within_0_and_100():
+    low, high = lab.interval([100.0], 50)  # p~ = 52 / 54: the interval is not a single point
+    assert high == 100 and low == pytest.approx(100 - 1.959964 * math.sqrt(52 / 54 * 2 / 54 / 54) * 100)
+    assert lab.interval([0.0, 0.0], 50)[0] == 0
+
+
+def test_the_seeds_spread_widens_the_interval():
+    # seeds 58, 60, 62: mean 60, sample variance 4, of the mean 4 / 3, plus the binomial noise of 400 examples
+    low, high = lab.interval([58.0, 60.0, 62.0], 400)
+    assert high - 60 == pytest.approx(1.959964 * math.sqrt(4 / 3 + agresti_coull_variance(0.6, 400)), abs=1e-9)
+    assert 60 - low == pytest.approx(high - 60)
+    assert high - low > lab.interval([60.0, 60.0, 60.0], 400)[1] - lab.interval([60.0, 60.0, 60.0], 400)[0]
+
+
+def test_a_verdict_calls_a_difference_real_only_beyond_the_noise():
+    n = 400  # majority 52.0 against a method at 60 on every seed: noise 1.96 x sqrt(5.94 + 6.18) = 6.82
+    noise = 1.959964 * math.sqrt(agresti_coull_variance(0.6, n) + agresti_coull_variance(0.52, n))
+    assert noise == pytest.approx(6.82, abs=0.01)
+    real = lab.verdict("LoRA", [60.0, 60.0, 60.0], "the majority class", [52.0], n)
+    assert real.startswith("LoRA is 8.0 points above the majority class: larger than the noise (±6.8)")
+    close = lab.verdict("LoRA", [56.0, 56.0, 56.0], "the majority class", [52.0], n)
+    assert "+4.0 points, within the noise" in close and "no difference shown" in close
+    below = lab.verdict("BitFit", [44.0], "the majority class", [52.0], 2000)  # a bigger test set: less noise
+    assert below.startswith("BitFit is 8.0 points below the majority class: larger than the noise")
+
+
+def test_the_verdicts_compare_every_row_with_the_majority_and_with_the_first_row():
+    rows = [{"method": m, "runs": [{"test": a} for a in accs]}
+            for m, accs in (("PARADE", [70.0, 71.0, 69.0]), ("LoRA", [70.5, 69.5, 70.0]), ("BitFit", [52.0] * 3))]
+    lines = lab.verdicts(rows, {"test": 52.0, "examples": 400})
+    assert len(lines) == 5  # three against the majority, two against PARADE
+    assert "PARADE is 18.0 points above the majority class" in lines[0]
+    assert "within the noise" in lines[2]  # BitFit at the majority class
+    assert lines[3].startswith("LoRA vs PARADE: +0.0 points, within the noise")
+    assert lines[4].startswith("BitFit is 18.0 points below PARADE: larger than the noise")
+
+
 # ----------------------------------------------------------------------------------------------- budgets
 
 @pytest.mark.parametrize("method, settings", [("para", {}), ("para", {"pooler": "last"}),

@@ -121,7 +121,8 @@ def run_argv(opts, cfg: AdapterConfig, seed: int, out: Path, extra=()) -> list:
     files += ["--dev", str(data / t["dev"])] if t["dev"] else []
     return files + t["flags"] + method_flags(cfg) + [
         "--weights", str(opts.shared / "assets" / "stories260K" / "hf"), "--device", "cpu", "--beam", "1",
-        "--log-every", "1000000", "--seed", str(seed), "--out", str(out)] + opts.train_flags + list(extra)
+        "--log-every", "1000000", "--seed", str(seed), "--out", str(out), "--overwrite",  # a re-run replaces it
+    ] + opts.train_flags + list(extra)
 
 
 def train_one(opts, table: str, name: str, cfg: AdapterConfig, seed: int, extra=()) -> dict:
@@ -412,7 +413,7 @@ def test_prompts(opts, tok, n: int, system=None) -> tuple:
     budget = train.MAX_NEW_TOKENS.get(task, 8)
     settings = run_settings(opts)
     system = settings.system if system is None else system
-    pairs, _ = train.tokenize(examples, tok, settings.max_len, system, budget)
+    pairs, _, _ = train.tokenize(examples, tok, settings.max_len, system, budget)
     return [p for p, _ in pairs], examples
 
 

@@ -10,13 +10,21 @@ A single --prompt streams its answer to the terminal (greedy or sampling; beam s
 end). --requests reads one JSON object per line, {"prompt": "...", "adapter": "a" or null}, where a line may
 also set "id" (copied to its answer) and override system, chat, max_new_tokens, temperature, top_k, top_p,
 seed, beam, length_penalty and num_return. Requests with the same decoding settings are batched together, each
-row with its own adapter. Every non-blank line gets one answer line, in order: the request with "output" and
-"stop" ("eos" or "length") added, and "beams" with their scores for beam search; or with "error" (file:line and
-why) when that line could not be served, while the other lines still are.
+row with its own adapter. Every non-blank line gets one answer line: the request with "line" (its line number),
+"output" and "stop" ("eos" or "length") added, and "beams" with their scores for beam search; or with "error"
+(file:line and why) when that line could not be served, while the other lines still are.
+
+Answers are written as soon as their batch is done (in file order among requests with the same settings), with
+progress on stderr. Run the same command again after an interruption: the requests --output already answers (by
+"id", else by line) are skipped, and those that failed are tried again.
+Exit status: 0 every request answered; 1 some failed (the others are answered); 2 nothing could be served (bad
+command, weights or file); 130 interrupted (Ctrl-C), with what was finished kept.
 """
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -90,7 +98,8 @@ def encode(tok, prompt, chat, system):
 
 
 def read_requests(path, defaults):
-    """Each non-blank line of a .jsonl file -> (file:line, its object or None, its settings or None, its error)."""
+    """Each non-blank line of a .jsonl file -> (line, file:line, its object or None, its settings or None, its
+    error)."""
     lines = Path(path).read_text().splitlines()
     out = []
     for n, text in enumerate(lines, 1):
@@ -100,10 +109,10 @@ def read_requests(path, defaults):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            out.append((where, None, None, f"{where}: not a JSON object: {e}"))
+            out.append((n, where, None, None, f"{where}: not a JSON object: {e}"))
             continue
         if not isinstance(obj, dict):
-            out.append((where, None, None, f"{where}: expected a JSON object, got {type(obj).__name__}"))
+            out.append((n, where, None, None, f"{where}: expected a JSON object, got {type(obj).__name__}"))
             continue
         unknown = sorted(set(obj) - {"prompt", "adapter", "id", *OVERRIDES})
         wrong = [k for k, t in OVERRIDES.items()
@@ -117,9 +126,9 @@ def read_requests(path, defaults):
         elif wrong:
             error = f"field(s) {wrong} have the wrong type"
         else:
-            out.append((where, obj, {**defaults, **{k: obj[k] for k in OVERRIDES if k in obj}}, None))
+            out.append((n, where, obj, {**defaults, **{k: obj[k] for k in OVERRIDES if k in obj}}, None))
             continue
-        out.append((where, obj, None, f"{where}: {error}"))
+        out.append((n, where, obj, None, f"{where}: {error}"))
     return out
 
 
@@ -135,37 +144,92 @@ def decode(model, tok, requests, s, batch_size, stream=None):
                     stream=stream)
 
 
-def serve(model, tok, entries, args):
-    """Answer every entry, batching those with the same settings -> one output object per entry."""
-    outputs = [None] * len(entries)
+def serve(model, tok, entries, args, write):
+    """Answer every entry, batching those with the same settings; each batch's answers go to write(answers) as soon
+    as it is done."""
     groups = {}
-    for i, (where, obj, s, error) in enumerate(entries):
+    for n, where, obj, s, error in entries:
         if error:
-            outputs[i] = {**(obj or {}), "error": error}
+            write([{**(obj or {}), "line": n, "error": error}])
         else:
-            groups.setdefault(tuple(s[k] for k in SETTINGS), []).append(i)
+            groups.setdefault(tuple(s[k] for k in SETTINGS), []).append((n, where, obj, s))
     for key, members in groups.items():
-        s = dict(zip(SETTINGS, key))
-        requests = []
-        for i in members:
-            where, obj, r, _ = entries[i]
-            requests.append(Request(encode(tok, obj["prompt"], r["chat"], r["system"]), obj.get("adapter"),
-                                    r["max_new_tokens"], r["seed"]))
+        for start in range(0, len(members), args.batch_size):
+            batch = members[start:start + args.batch_size]
+            requests = [Request(encode(tok, obj["prompt"], r["chat"], r["system"]), obj.get("adapter"),
+                                r["max_new_tokens"], r["seed"]) for _, _, obj, r in batch]
+            try:
+                results = decode(model, tok, requests, dict(zip(SETTINGS, key)), args.batch_size)
+            except ValueError as e:  # settings that no request of this group can run with (e.g. num_return > beam)
+                write([{**obj, "line": n, "error": f"{where}: {e}"} for n, where, obj, _ in batch])
+                continue
+            write([answer(tok, n, where, obj, res) for (n, where, obj, _), res in zip(batch, results)])
+
+
+def answer(tok, n, where, obj, res):
+    if res.error:
+        return {**obj, "line": n, "error": f"{where}: {res.error}"}
+    out = {**obj, "line": n, "output": tok.decode(res.tokens), "stop": res.stop}
+    if res.beams:
+        out["beams"] = [{"output": tok.decode(t), "score": sc} for t, sc in res.beams]
+    out["new_tokens"] = len(res.tokens)
+    return out
+
+
+def request_key(line, obj):
+    # how an answer is matched to its request on a rerun: its "id" if it has one (robust to reordering), else its line
+    return ("id", json.dumps(obj["id"])) if isinstance(obj, dict) and "id" in obj else ("line", line)
+
+
+def answered_before(path, entries):
+    """The entries an earlier run already answered in `path`, which is rewritten without its failed answers (they are
+    tried again) -> (entries still to answer, how many were answered)."""
+    if not path.exists():
+        return entries, 0
+    kept, done = [], {}
+    for text in path.read_text().splitlines():
         try:
-            results = decode(model, tok, requests, s, args.batch_size)
-        except ValueError as e:  # settings that no request of this group can run with (e.g. num_return > beam)
-            for i in members:
-                outputs[i] = {**entries[i][1], "error": f"{entries[i][0]}: {e}"}
+            a = json.loads(text)
+        except json.JSONDecodeError:  # a line cut short by a killed run: answered again
             continue
-        for i, res in zip(members, results):
-            where, obj, _, _ = entries[i]
-            if res.error:
-                outputs[i] = {**obj, "error": f"{where}: {res.error}"}
-            else:
-                outputs[i] = {**obj, "output": tok.decode(res.tokens), "stop": res.stop}
-                if res.beams:
-                    outputs[i]["beams"] = [{"output": tok.decode(t), "score": sc} for t, sc in res.beams]
-    return outputs
+        if isinstance(a, dict) and "output" in a:
+            kept.append(text)
+            done[request_key(a.get("line"), a)] = a
+    todo = []
+    for entry in entries:
+        n, where, obj = entry[:3]
+        a = done.get(request_key(n, obj))
+        if a is None:
+            todo.append(entry)
+        elif a.get("prompt") != obj.get("prompt"):
+            raise ValueError(f"{path} answers {where} with another prompt: the requests changed since it was "
+                             "written; give a new --output")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return todo, len(entries) - len(todo)
+
+
+class Progress:
+    """Requests done / total, new tokens/s and ETA on stderr: an updating line on a terminal, else every 10 s."""
+    LOG_SECONDS = 10
+
+    def __init__(self, total):
+        self.total, self.done, self.failed, self.tokens = total, 0, 0, 0
+        self.t0 = self.logged = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def add(self, answers):
+        self.done += len(answers)
+        self.failed += sum("error" in a for a in answers)
+        self.tokens += sum(a.get("new_tokens", 0) for a in answers)
+        now = time.time()
+        if self.tty or now - self.logged >= self.LOG_SECONDS or self.done == self.total:
+            self.logged, el = now, now - self.t0
+            line = (f"requests {self.done}/{self.total}  {self.failed} failed  {self.tokens / max(el, 1e-9):,.0f} "
+                    f"new tok/s  elapsed {el:,.0f}s  eta {el / self.done * (self.total - self.done):,.0f}s")
+            end = "\n" if not self.tty or self.done == self.total else ""
+            print(("\r" + line + " " * 4) if self.tty else line, end=end, file=sys.stderr, flush=True)
 
 
 def answer_prompt(model, tok, names, args):
@@ -198,19 +262,43 @@ def main(argv=None):
         if args.prompt is not None:
             return answer_prompt(model, tok, names, args)
         defaults = {k: getattr(args, k) for k in OVERRIDES}
-        entries = read_requests(args.requests, defaults)
+        entries, before = read_requests(args.requests, defaults), 0
+        if args.output:
+            entries, before = answered_before(Path(args.output), entries)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        sys.exit(f"error: {e}")
-    outputs = serve(model, tok, entries, args)
-    for out in outputs:
-        if "error" in out:
-            print(f"error: {out['error']}", file=sys.stderr)
-    lines = "".join(json.dumps(out, ensure_ascii=False) + "\n" for out in outputs)
-    if args.output:
-        Path(args.output).write_text(lines)
-    else:
-        sys.stdout.write(lines)
-    return outputs
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # while loading, or while a --prompt is answered: nothing to keep
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    if before:
+        print(f"{args.output}: {before} requests answered by an earlier run, skipped", file=sys.stderr)
+    progress = Progress(len(entries))
+    sink = open(args.output, "a", encoding="utf-8") if args.output else sys.stdout
+    where = args.output or "stdout"
+
+    def write(answers):  # as soon as a batch is done, so an interruption loses only the batch in flight
+        for a in answers:
+            if "error" in a:
+                print(f"error: {a['error']}", file=sys.stderr)
+        sink.write("".join(json.dumps({k: v for k, v in a.items() if k != "new_tokens"}, ensure_ascii=False) + "\n"
+                           for a in answers))
+        sink.flush()
+        progress.add(answers)
+
+    try:
+        serve(model, tok, entries, args, write)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {progress.done} of {len(entries)} answers written to {where}"
+              + (" (run the same command again to answer the rest)" if args.output else ""), file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if args.output:
+            sink.close()
+    if progress.failed:
+        print(f"error: {progress.failed} of {len(entries)} requests failed (their \"error\" says why); the others "
+              f"are answered in {where}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

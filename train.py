@@ -12,6 +12,7 @@ More than one GPU: the same script under torchrun (README, "More than one GPU");
     torchrun --nproc_per_node 8 train.py --data boolq.jsonl --weights weights/Llama-2-7b-hf --grad-accum 8
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -32,10 +33,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_model, load_tokenizer,
                        save_adapter)
-from para_mini.adapters import adapter_state, read_adapter
+from para_mini.adapters import adapter_state, base_shape, read_adapter
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
 from para_mini.generation import generate_texts
-from para_mini.loading import check_tensors, read_checkpoint
+from para_mini.loading import check_tensors, model_names, read_checkpoint
 from para_mini.metrics import METRIC, score
 from para_mini.model import METHODS, Transformer
 
@@ -54,6 +55,9 @@ def parse_args(argv=None):
     g.add_argument("--max-train", type=int, help="use only the first N training examples (after shuffling)")
     g.add_argument("--max-eval", type=int, help="evaluate on at most N dev / test examples")
     g.add_argument("--max-len", type=int, default=512, help="tokens per example; passages are cut to fit (512)")
+    g.add_argument("--skip-long", action="store_true",
+                   help="leave out (and count) examples too long for --max-len even with their passage cut, "
+                        "instead of stopping with an error naming the file and line")
     g.add_argument("--system", default=SYSTEM_PROMPT,
                    help="the chat template's system prompt (default: the paper's, Appendix C); \"\" for none")
     g = p.add_argument_group("model")
@@ -88,33 +92,54 @@ def parse_args(argv=None):
     g.add_argument("--patience", type=int, default=10, help="stop after N evaluations without a better dev loss")
     g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="run directory (default: runs/<task>-<method>)")
+    g.add_argument("--out", help="run directory (default: runs/<task>-<method>); a folder that already holds a "
+                   "run is refused unless --resume or --overwrite is given")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out (adapter, checkpoint, summary, predictions) and start anew")
     g.add_argument("--beam", type=int, default=3, help="beam size for test predictions (the paper: 3)")
     g.add_argument("--max-new-tokens", type=int, help="generation budget (default: per task)")
     g.add_argument("--eval-batch-size", type=int, default=16)
     g.add_argument("--log-every", type=int, default=10)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    return args
 
 
 # --------------------------------------------------------------------------------------------------- the data
 
-def tokenize(examples, tok, max_len, system, budget=None):
+def tokenize(examples, tok, max_len, system, budget=None, skip_long=False, context=None):
     """(prompt_ids, response_ids) per example, passages shortened so the whole example fits in max_len; with a
-    generation budget, the prompt alone is fitted into max_len - budget (evaluation: the response is generated)."""
+    generation budget, the prompt alone is fitted into max_len - budget (evaluation: the response is generated).
+    -> (pairs, passages cut, indices of the examples left out as too long: only with skip_long, else an error)."""
     if budget is None:
         count = lambda q, r: sum(map(len, tok.encode_chat(q, r, system)))
     else:
         count = lambda q, r: len(tok.encode_chat(q, None, system)[0]) + budget
-    out, cut = [], 0
+    out, cut, skipped = [], 0, []
     for i, ex in enumerate(examples):
         try:
             ex, was_cut = truncate(ex, count, max_len)
         except ValueError as e:
-            raise ValueError(f"example {i} ({ex.query[:60]!r}...): {e}; raise --max-len or shorten it") from None
+            if skip_long:
+                skipped.append(i)
+                continue
+            where = ex.source or f"example {i}"
+            raise ValueError(f"{where}: {e}{'' if budget is None else f' (with {budget} tokens to generate)'}; "
+                             f"{too_long_hint(max_len, budget, context)}") from None
         cut += was_cut
         out.append(tok.encode_chat(ex.query, ex.response, system))
-    return out, cut
+    return out, cut, skipped
+
+
+def too_long_hint(max_len, budget, context):
+    ways = ["--skip-long leaves such examples out (and counts them)"]
+    if context and max_len < context:
+        ways.append(f"raise --max-len (the model's context is {context} tokens)")
+    if budget is not None:
+        ways.append("lower --max-new-tokens")
+    return ", or ".join(ways)
 
 
 def collate(pairs, pad_id, device):
@@ -163,12 +188,14 @@ def loss_sum(model, tokens, targets, lens, autocast):
 
 
 @torch.no_grad()
-def dev_loss(model, pairs, args, pad_id, autocast):
+def dev_loss(model, pairs, args, pad_id, autocast, show=None):
     total, n = 0.0, 0
     for i in range(0, len(pairs), args.eval_batch_size):
         tokens, targets, lens = collate(pairs[i:i + args.eval_batch_size], pad_id, args.device)
         total += loss_sum(model, tokens, targets, lens, autocast).item()
         n += (targets != -100).sum().item()
+        if show is not None:
+            show("dev loss", min(i + args.eval_batch_size, len(pairs)), len(pairs))
     return total / n
 
 
@@ -184,20 +211,52 @@ SAME_RUN = ("data", "dev", "task", "max_train", "max_eval", "max_len", "system",
             "grad_accum", "clip", "eval_every", "patience", "seed")
 
 
-def checkpoint_state(model, opt, step, best, bad, args):
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def weights_digest(model):
+    """The base model by shape and a sample of its values (every norm, a few embedding rows), rounded to bf16 so
+    that fp32 and bf16 loads agree: the same weights under another path or in another format are the same run.
+    Under --shard every rank must call this (it gathers the sampled tensors whole)."""
+    h = hashlib.sha256(json.dumps(base_shape(model.args), sort_keys=True).encode())
+    for name in model_names(model.args):
+        if "norm" in name or name == "tok_embeddings.weight":
+            t = whole(model.get_parameter(name)).detach()
+            t = torch.cat([t[:8], t[-8:]]) if t.dim() == 2 else t
+            h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def same_run_settings(args, model):
+    # files by content, not by how their path is spelt (a relative and an absolute path are the same file);
+    # made once per run, on every rank under --shard (weights_digest gathers)
+    settings = {k: getattr(args, k) for k in SAME_RUN}
+    settings["data"], settings["dev"] = file_digest(args.data), args.dev and file_digest(args.dev)
+    settings["weights"] = weights_digest(model)
+    return settings
+
+
+def checkpoint_state(model, opt, step, best, bad, settings):
     """Every tensor whole, so one file resumes with or without torchrun; under --shard every rank must call this."""
     optimizer = opt.state_dict()  # AdamW's moments are sharded like their parameters under --shard: gather them
     optimizer["state"] = {i: {k: whole(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
-    return {"step": step, "best": best, "bad": bad, "optimizer": optimizer,
-            "settings": {k: getattr(args, k) for k in SAME_RUN}, "adapter": adapter_tensors(model)}
+    return {"step": step, "best": best, "bad": bad, "optimizer": optimizer, "settings": settings,
+            "adapter": adapter_tensors(model)}
 
 
 class Progress:
     """One updating line on a terminal; a plain line per log step otherwise (logs, CI)."""
+    LOG_SECONDS = 30  # evaluation progress in a log: a line at most this often, so long evaluations are not silent
 
     def __init__(self, total, start_step):
         self.total, self.start_step, self.t0, self.tty = total, start_step, time.time(), sys.stdout.isatty()
         self.tokens, self.train_seconds = 0, 0.0  # tokens/s counts training steps, not evaluations
+        self.phase, self.phase_t0, self.phase_done, self.logged = None, 0.0, 0, 0.0
 
     def show(self, step, loss, lr):
         el = time.time() - self.t0
@@ -208,8 +267,43 @@ class Progress:
                 f"  elapsed {el:,.0f}s  eta {eta:,.0f}s")
         print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n", flush=True)
 
+    def count(self, what, done, total):
+        """Progress through an evaluation (dev loss, predictions), with its own elapsed time and ETA."""
+        now = time.time()
+        if what != self.phase or done <= self.phase_done:  # a new evaluation starts its own clock
+            self.phase, self.phase_t0, self.logged = what, now - 1e-9, now
+        self.phase_done = done
+        if not self.tty and (now - self.logged < self.LOG_SECONDS or done == total):
+            return
+        self.logged = now
+        el = now - self.phase_t0
+        line = f"{what}: {done}/{total}  elapsed {el:,.0f}s  eta {el / done * (total - done):,.0f}s"
+        print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
     def message(self, text):
         print(("\n" if self.tty else "") + text, flush=True)
+
+
+# What a run leaves in its folder: a new run must not mix its files with these.
+RUN_FILES = ("adapter.safetensors", "checkpoint.pt", "summary.json", "predictions_dev.jsonl", "predictions_test.jsonl")
+
+
+def claim_out(out, args, rank=0):
+    """Make `out` this run's folder. A folder holding another run is refused: it is continued (--resume), replaced
+    (--overwrite) or left alone (another --out), never silently overwritten or mixed with this one. Under torchrun
+    every rank checks (and refuses alike), rank 0 alone deletes and makes the folder."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if args.resume:
+        if not (out / "checkpoint.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
+        return
+    if found and not args.overwrite:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): continue it with --resume, "
+                              "replace it with --overwrite, or give another --out")
+    if rank == 0:
+        for name in found:
+            (out / name).unlink()
+        out.mkdir(parents=True, exist_ok=True)
 
 
 # ------------------------------------------------------------------------------- more than one process (torchrun)
@@ -331,6 +425,10 @@ def train(args, on_step=None):
             raise ValueError(f"the {name} split is empty: give more data or a --{name if name != 'train' else 'data'} file")
     dev_eval = one_per_query(dev_ex)[:args.max_eval]
     test_eval = one_per_query(test_ex)[:args.max_eval] if test_ex else None
+    out = Path(args.out or f"runs/{task}-{args.method}")
+    claim_out(out, args, rank)  # before the model loads: a refused folder costs nothing
+    if world > 1:
+        dist.barrier()  # every rank starts once rank 0 has emptied the folder (--overwrite)
 
     # model, tokenizer, adapter
     targets = tuple(args.targets.split(",")) if args.targets else ()
@@ -348,10 +446,17 @@ def train(args, on_step=None):
         raise ValueError(f"--max-len {args.max_len} exceeds the model's context of {model.args.max_seq_len} tokens")
     model.checkpointing = args.grad_checkpointing
     system = args.system
-    train_pairs, cut = tokenize(train_ex, tok, args.max_len, system)
-    dev_pairs, dev_cut = tokenize(dev_ex[:args.max_eval], tok, args.max_len, system)
+    fit = dict(skip_long=args.skip_long, context=model.args.max_seq_len)
+    train_pairs, cut, train_skipped = tokenize(train_ex, tok, args.max_len, system, **fit)
+    dev_pairs, dev_cut, dev_skipped = tokenize(dev_ex[:args.max_eval], tok, args.max_len, system, **fit)
+    skipped = {"train": len(train_skipped), "dev": len(dev_skipped)}
     print(f"task {task}: {len(train_pairs)} train / {len(dev_pairs)} dev / {len(test_ex or [])} test examples; "
-          f"{cut + dev_cut} passages truncated to fit {args.max_len} tokens", flush=True)
+          f"{cut + dev_cut} passages truncated to fit {args.max_len} tokens"
+          + (f"; {sum(skipped.values())} too long even so, skipped ({skipped})" if args.skip_long else ""),
+          flush=True)
+    if not train_pairs or not dev_pairs:
+        raise ValueError(f"every {'train' if not train_pairs else 'dev'} example is longer than --max-len "
+                         f"{args.max_len} tokens")
     if not args.shard:
         add_adapter(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -363,19 +468,16 @@ def train(args, on_step=None):
 
     per_step = args.batch_size * args.grad_accum
     total = args.max_steps or max(1, math.ceil(args.epochs * len(train_pairs) / per_step))
-    out = Path(args.out or f"runs/{task}-{args.method}")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     ckpt_path, adapter_path = out / "checkpoint.pt", out / "adapter.safetensors"
+    settings = same_run_settings(args, model)  # what a resume must find unchanged; --shard: every rank gathers
     step, best, bad = 0, float("inf"), 0
     if args.resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        changed = {k: (v, getattr(args, k)) for k, v in ck["settings"].items() if getattr(args, k) != v}
+        changed = {k: (v, settings.get(k)) for k, v in ck["settings"].items() if settings.get(k) != v}
         if changed:
-            raise ValueError(f"--resume: {ckpt_path} was written with other settings (was, now): {changed}; "
-                             "resume with the interrupted run's flags, or start anew with another --out")
+            raise ValueError(f"--resume: {ckpt_path} was written with other settings (was, now; files and the base "
+                             f"weights by content): {changed}; resume with the interrupted run's flags and files, "
+                             "or start anew with another --out")
         set_adapter(model, ck["adapter"])
         # AdamW's state is by parameter position: the order of the adapter's tensors in the run that wrote it (older
         # checkpoints, from stacked tenants, had PARA's up.bias before up.weight, and shapes [1, ...])
@@ -425,7 +527,7 @@ def train(args, on_step=None):
             if step % args.eval_every == 0 or step == total:
                 model.eval()
                 # every rank computes it (--shard: each forward needs them all) and all take rank 0's number
-                loss = rank_0s(dev_loss(model, dev_pairs, args, tok.pad_id, autocast), device)
+                loss = rank_0s(dev_loss(model, dev_pairs, args, tok.pad_id, autocast, progress.count), device)
                 model.train()
                 better = loss < best
                 best, bad = (loss, 0) if better else (best, bad + 1)
@@ -435,7 +537,7 @@ def train(args, on_step=None):
                         save_adapter(model, adapter_path, tensors=adapter)
                 progress.message(f"step {step}: dev loss {loss:.4f}" + ("  (best: adapter saved)" if better else
                                  f"  (no better for {bad} / {args.patience})"))
-                ck = checkpoint_state(model, opt, step, best, bad, args)  # --shard: gathered from every rank
+                ck = checkpoint_state(model, opt, step, best, bad, settings)  # --shard: gathered from every rank
                 if rank == 0:
                     atomic_save(ck, ckpt_path)
             if on_step is not None:
@@ -445,7 +547,7 @@ def train(args, on_step=None):
     finally:
         signal.signal(signal.SIGINT, previous)
     if stop:
-        ck = checkpoint_state(model, opt, step, best, bad, args)
+        ck = checkpoint_state(model, opt, step, best, bad, settings)
         if rank == 0:
             atomic_save(ck, ckpt_path)
         if world > 1:
@@ -466,12 +568,19 @@ def train(args, on_step=None):
     set_adapter(model, read_adapter(adapter_path)[2])
     summary = {"task": task, "metric_name": METRIC[task], "adapter": str(adapter_path), "steps": step,
                "best_dev_loss": best, "train_examples": len(train_pairs), "truncated": cut + dev_cut,
-               "settings": {k: v for k, v in vars(args).items()}, "adapter_config": asdict(cfg)}
+               "skipped_too_long": skipped, "settings": {k: v for k, v in vars(args).items()},
+               "adapter_config": asdict(cfg)}
     for name, part in (("dev", dev_eval), ("test", test_eval)):
         if part:
-            preds = predict(model, tok, task, part, args, system)
+            show = lambda what, done, total: progress.count(f"{name} {what}", done, total)
+            preds = predict(model, tok, task, part, args, system, show)
+            kept = [(ex, pred) for ex, pred in zip(part, preds) if pred is not None]  # None: too long, skipped
+            skipped[f"{name} predictions"] = len(part) - len(kept)
+            part, preds = [ex for ex, _ in kept], [pred for _, pred in kept]
             summary[name] = score(task, preds, part)
-            print(f"{name} {METRIC[task]}: {summary[name][METRIC[task]]:.2f} ({len(part)} examples)", flush=True)
+            note = f"; {skipped[f'{name} predictions']} too long, skipped" if args.skip_long else ""
+            print(f"{name} {METRIC[task]}: {summary[name][METRIC[task]]:.2f} ({len(part)} examples{note})",
+                  flush=True)
             if rank != 0:
                 continue  # --shard: every rank generates (each forward needs them all), rank 0 writes
             with open(out / f"predictions_{name}.jsonl", "w") as f:
@@ -486,13 +595,20 @@ def train(args, on_step=None):
     return summary
 
 
-def predict(model, tok, task, examples, args, system):
-    """Generated text for each example (greedy for --beam 1, else beam search as in the paper)."""
+def predict(model, tok, task, examples, args, system, show=None):
+    """Generated text for each example (greedy for --beam 1, else beam search as in the paper); None for an
+    example too long to fit, left out with --skip-long."""
     budget = args.max_new_tokens or MAX_NEW_TOKENS.get(task, 8)
     max_len = min(args.max_len, model.args.max_seq_len)
-    prompts = [p for p, _ in tokenize(examples, tok, max_len, system, budget)[0]]
-    return generate_texts(model, tok, prompts, max_new_tokens=budget, beam=args.beam,
-                          batch_size=args.eval_batch_size)
+    pairs, _, skipped = tokenize(examples, tok, max_len, system, budget, args.skip_long, model.args.max_seq_len)
+    prompts, texts, skipped = [p for p, _ in pairs], [], set(skipped)
+    for i in range(0, len(prompts), args.eval_batch_size):  # a batch at a time, to show progress
+        texts += generate_texts(model, tok, prompts[i:i + args.eval_batch_size], max_new_tokens=budget,
+                                beam=args.beam, batch_size=args.eval_batch_size)
+        if show is not None:
+            show("predictions", len(texts), len(prompts))
+    texts = iter(texts)
+    return [None if i in skipped else next(texts) for i in range(len(examples))]
 
 
 def main(argv=None):
@@ -503,7 +619,7 @@ def main(argv=None):
             dist.destroy_process_group()
     except KeyboardInterrupt:
         sys.exit(130)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

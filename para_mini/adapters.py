@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .model import LINEARS, METHODS, AdapterConfig, ModelArgs, Transformer
@@ -71,7 +71,8 @@ def save_adapter(model: Transformer, path, name: str = None, tensors: dict = Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    # written through open(), not safetensors' save_file, which makes the file 0600 whatever the umask
+    tmp.write_bytes(save(tensors, metadata=metadata))
     os.replace(tmp, path)
 
 

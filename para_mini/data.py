@@ -69,6 +69,7 @@ class Example:
     references: list = field(default_factory=list)  # every acceptable answer, for scoring
     trim: str | None = None  # the slot `truncate` may shorten: a passage, a context, a table's rows
     table: dict | None = None  # WikiSQL: the table the SQL runs on
+    source: str = ""  # "file:line" it was read from, for error messages after shuffling and splitting
 
     @property
     def query(self) -> str:
@@ -331,6 +332,7 @@ def load_task(path: str | Path, task: str | None = None, labels: bool = True) ->
                     f"{loc}: no label or answer (an unlabeled test split?); training and scoring need one, "
                     "load it with labels=False to only generate"
                 )
+            ex.source = loc
             examples.append(ex)
     if not examples:
         raise ValueError(f"{path}: no examples (empty file)")
@@ -378,7 +380,7 @@ def truncate(example: Example, count, max_len: int) -> tuple[Example, bool]:
     if count(example.query, example.response) <= max_len:
         return example, False
     if example.trim is None:
-        raise ValueError(f"prompt longer than the model's context ({max_len} tokens); this task has no passage to cut")
+        raise ValueError(f"prompt longer than {max_len} tokens; this task has no passage to cut")
     sep = "\n" if example.trim == "table_info" else " "
     units = example.fields[example.trim].split(sep)
     keep = 1 if sep == "\n" else 0  # a table keeps its schema line
@@ -392,7 +394,7 @@ def truncate(example: Example, count, max_len: int) -> tuple[Example, bool]:
 
     if not fits(keep):
         raise ValueError(
-            f"prompt longer than the model's context ({max_len} tokens) even with its {example.trim} removed"
+            f"prompt longer than {max_len} tokens even with its {example.trim} removed"
         )
     lo, hi = keep, len(units)  # cut(lo) fits, cut(hi) does not
     while hi - lo > 1:

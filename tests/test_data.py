@@ -396,16 +396,16 @@ def test_a_table_loses_whole_rows_but_keeps_its_schema(tmp_path):
     schema_only = words(ex.query, ex.response) - 10 * 6
     short, cut = truncate(ex, words, schema_only)
     assert cut and short.query.endswith("`Nationality` TEXT).")
-    with pytest.raises(ValueError, match="prompt longer than the model's context"):
+    with pytest.raises(ValueError, match="prompt longer than [0-9]+ tokens"):
         truncate(ex, words, schema_only - 1)  # the schema is never cut
 
 
 def test_a_prompt_that_cannot_fit_even_without_its_passage_is_an_error(tmp_path):
     ex = boolq_example(tmp_path, "some passage")
-    with pytest.raises(ValueError, match="prompt longer than the model's context"):
+    with pytest.raises(ValueError, match="prompt longer than [0-9]+ tokens"):
         truncate(ex, words, 6)  # 7 tokens without any passage
     _, (gsm,) = load_task(write(tmp_path / "g.jsonl", CASES["gsm8k"][1]))
-    with pytest.raises(ValueError, match="prompt longer than the model's context"):
+    with pytest.raises(ValueError, match="prompt longer than [0-9]+ tokens"):
         truncate(gsm, words, 10)  # no passage to cut
 
 

@@ -199,6 +199,18 @@ def test_a_missing_or_unexpected_tensor_is_named(hf_dir):
         load_model(hf_dir)
 
 
+def test_a_config_that_does_not_fit_its_checkpoint_is_summarised_not_listed_tensor_by_tensor(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 32, "intermediate_size": 128}))
+    with pytest.raises(ValueError) as e:
+        load_model(hf_dir)
+    message = str(e.value)
+    # 270 missing tensors and 6 of the wrong shape: the first few of each, and how many more
+    assert "missing tensors: model.layers.2." in message and "and 265 more" in message
+    assert "tensors of the wrong shape (6): model.layers.0.mlp." in message and "and 3 more" in message
+    assert len(message) < 1500, len(message)
+
+
 def test_meta_params_that_give_another_ffn_width_are_refused(tmp_path, hf):
     with pytest.raises(ValueError, match="the FFN is 96 wide, .* give 192"):
         load_model(write_meta(tmp_path / "meta", hf, META_PARAMS | {"ffn_dim_multiplier": None}, 1))

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -31,15 +32,19 @@ def write_colour_data(path, n, seed):
     return path
 
 
-def run_args(tmp_path, *extra):
+def run_argv(tmp_path, *extra):
     weights = shared("assets", "stories260K", "hf")
     data = write_colour_data(tmp_path / "train.jsonl", 96, 0)
     dev = write_colour_data(tmp_path / "dev.jsonl", 24, 1)
     test = write_colour_data(tmp_path / "test.jsonl", 24, 2)
-    return train.parse_args(["--data", str(data), "--dev", str(dev), "--test", str(test), "--weights", str(weights),
-                             "--tokenizer", str(weights / "tokenizer.model"), "--lr", "1e-2", "--batch-size", "8",
-                             "--max-steps", "12", "--eval-every", "4", "--beam", "1", "--max-new-tokens", "4",
-                             "--out", str(tmp_path / "run"), "--device", "cpu", *extra])
+    return ["--data", str(data), "--dev", str(dev), "--test", str(test), "--weights", str(weights),
+            "--tokenizer", str(weights / "tokenizer.model"), "--lr", "1e-2", "--batch-size", "8",
+            "--max-steps", "12", "--eval-every", "4", "--beam", "1", "--max-new-tokens", "4",
+            "--out", str(tmp_path / "run"), "--device", "cpu", *extra]
+
+
+def run_args(tmp_path, *extra):
+    return train.parse_args(run_argv(tmp_path, *extra))
 
 
 def test_training_lowers_the_dev_loss_writes_an_adapter_and_a_summary_that_reloading_reproduces(tmp_path, capsys):
@@ -156,6 +161,79 @@ def test_bad_inputs_get_clear_messages(tmp_path, capsys):
     assert "no-weights" in err
     long = "".join(json.dumps({"prompt": f"{i} " + "word " * 600, "response": "b"}) + "\n" for i in range(30))
     err = bad_run(tmp_path, capsys, long)
-    assert "longer than the model's context" in err
+    assert "train.jsonl:" in err and "longer than 512 tokens" in err and "--skip-long" in err
+    assert "--max-len" not in err  # 512 is already the model's whole context
     err = bad_run(tmp_path, capsys, good(30), "--max-len", "4096")
     assert "exceeds the model's context of 512" in err
+
+
+SHORT = ("--max-steps", "4", "--eval-every", "4", "--max-eval", "8")
+
+
+def short_run(tmp_path, *extra):
+    return run_args(tmp_path, *SHORT, *extra)
+
+
+def test_a_second_run_into_the_same_folder_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    train.train(short_run(tmp_path))
+    run = tmp_path / "run"
+    first = (run / "adapter.safetensors").read_bytes()
+    mode = lambda name: oct((run / name).stat().st_mode & 0o777)
+    assert mode("adapter.safetensors") == mode("summary.json") == mode("checkpoint.pt")  # the umask's, all three
+    with pytest.raises(SystemExit) as e:
+        train.main(run_argv(tmp_path, *SHORT))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert str(run) in err and "--resume" in err and "--overwrite" in err and "--out" in err
+    assert (run / "adapter.safetensors").read_bytes() == first  # untouched
+
+    # --overwrite starts anew and leaves nothing of the old run: no test file now, so no test predictions
+    args = short_run(tmp_path, "--overwrite", "--seed", "7")
+    args.test = None
+    train.train(args)
+    assert not (run / "predictions_test.jsonl").exists() and (run / "predictions_dev.jsonl").exists()
+    assert (run / "adapter.safetensors").read_bytes() != first
+    assert json.loads((run / "summary.json").read_text())["settings"]["seed"] == 7
+
+
+def test_resume_knows_the_same_weights_and_data_under_another_path_and_refuses_other_content(tmp_path, capsys):
+    train.train(short_run(tmp_path))
+    capsys.readouterr()
+    # the same files, named another way (a copy elsewhere, a relative path): the same run, continued
+    copy = shutil.copytree(shared("assets", "stories260K", "hf"), tmp_path / "copy of weights")
+    train.train(short_run(tmp_path, "--resume", "--weights", os.path.relpath(copy)))
+    assert "resumed from" in capsys.readouterr().out
+
+    # other weights (one norm changed) or other data under the same names: refused, naming what changed
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"other settings .*'weights'"):
+        train.train(short_run(tmp_path, "--resume", "--weights", str(copy)))
+    other = tmp_path / "other.jsonl"
+    other.write_text((tmp_path / "train.jsonl").read_text() + json.dumps({"prompt": "The sea?", "response": "blue"}))
+    with pytest.raises(ValueError, match=r"other settings .*'data'"):
+        train.train(short_run(tmp_path, "--resume", "--data", str(other)))
+
+
+def test_an_over_long_example_is_named_by_file_and_line_or_skipped_and_counted(tmp_path, capsys):
+    lines = write_colour_data(tmp_path / "long.jsonl", 96, 0).read_text().splitlines()
+    lines[40] = json.dumps({"prompt": "word " * 600, "response": "red"})  # line 41: no passage to cut
+    (tmp_path / "long.jsonl").write_text("\n".join(lines) + "\n")
+    long = ("--data", str(tmp_path / "long.jsonl"))
+    with pytest.raises(ValueError, match=rf"long.jsonl:41: prompt longer than 512 tokens.*--skip-long"):
+        train.train(short_run(tmp_path, *long))
+    summary = train.train(short_run(tmp_path, *long, "--skip-long", "--out", str(tmp_path / "skipping")))
+    assert summary["skipped_too_long"] == {"train": 1, "dev": 0, "dev predictions": 0, "test predictions": 0}
+    assert summary["train_examples"] == 95
+    assert "1 too long even so, skipped" in capsys.readouterr().out
+
+
+def test_evaluation_and_predictions_show_progress(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.Progress, "LOG_SECONDS", 0)
+    train.train(short_run(tmp_path, "--eval-batch-size", "4"))
+    printed = capsys.readouterr().out
+    # dev loss on the first 8 dev examples, predictions once per distinct prompt (6 of them)
+    assert "dev loss: 4/8" in printed and "dev predictions: 4/6" in printed and "test predictions: 4/6" in printed
+    assert "eta" in printed.split("test predictions: 4/6")[1].splitlines()[0]

@@ -422,7 +422,8 @@ def train(args, on_step=None):
         train_ex = [train_ex[i] for i in epoch_order(len(train_ex), -1, args.seed)[:args.max_train]]
     for name, part in (("train", train_ex), ("dev", dev_ex)):
         if not part:
-            raise ValueError(f"the {name} split is empty: give more data or a --{name if name != 'train' else 'data'} file")
+            flag = name if name != "train" else "data"
+            raise ValueError(f"the {name} split is empty: give more data or a --{flag} file")
     dev_eval = one_per_query(dev_ex)[:args.max_eval]
     test_eval = one_per_query(test_ex)[:args.max_eval] if test_ex else None
     out = Path(args.out or f"runs/{task}-{args.method}")
@@ -495,7 +496,9 @@ def train(args, on_step=None):
     stop = []  # Ctrl-C asks to stop at the next step boundary, so the checkpoint is never half-updated
 
     def on_ctrl_c(signum, frame):
-        if stop and world == 1:  # (torchrun passes a terminal's Ctrl-C on: each rank gets it twice; it kills late ranks)
+        # a second Ctrl-C quits at once, but not under torchrun: it passes a terminal's Ctrl-C on, so each rank gets
+        # it twice (torchrun kills ranks that are late to stop)
+        if stop and world == 1:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         stop.append(True)
         progress.message("Ctrl-C: saving a checkpoint after this step (press again to quit at once)")

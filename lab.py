@@ -194,15 +194,18 @@ def verdict(name_a: str, accs_a: list, name_b: str, accs_b: list, n: int) -> str
     return f"{name_a} vs {name_b}: {diff:+.1f} points, within the noise (±{noise:.1f}): no difference shown"
 
 
+def threads_per_run(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def train_many(opts, jobs: list) -> list:
     """train_one for each (table, name, cfg, seed, extra) in jobs, --jobs of them at a time. A model this small
     keeps one core busy with small matrix products far better than two, so separate processes with one thread each
     finish sooner than one process with every thread; the runs are independent, and their results do not change."""
     if opts.jobs <= 1:
         return [train_one(opts, *job) for job in jobs]
-    threads = max(1, (os.cpu_count() or 1) // opts.jobs)
     with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                             initializer=torch.set_num_threads, initargs=(threads_per_run(opts.jobs),)) as pool:
         return list(pool.map(train_one, [opts] * len(jobs), *zip(*jobs)))
 
 
@@ -289,7 +292,7 @@ def shown(path: Path) -> str:
 
 def write_result(opts, name: str, title: str, wall: float, body: str, data: dict, note: str = ""):
     jobs, command = opts.jobs, opts.command
-    threads = f"{jobs} runs at once, {max(1, (os.cpu_count() or 1) // jobs)} thread(s) each" if jobs > 1 else \
+    threads = f"{jobs} runs at once, {threads_per_run(jobs)} thread(s) each" if jobs > 1 else \
         f"{torch.get_num_threads()} threads"
     machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, {threads}"
     took = f"{wall / 60:.1f} min" if wall >= 60 else f"{wall:.0f} s"
@@ -452,16 +455,13 @@ def cmd_vectors(opts):
     for label, path, sys_prompt, acc in adapters:
         results.append({"label": label, "test": acc} | vector_stats(opts, path, sys_prompt))
 
-    def share(r):  # the prompt-dependent share, averaged over layers and targets
-        return statistics.fmean(s["prompt_share"] for s in r["stats"].values())
-
     lines = ["| adapter: pooler, tokens pooled | test acc | mean abs(l - 1) | prompt-dependent share, mean (max) |",
              "|---|---|---|---|"]
     for r in results:
         off = statistics.fmean(s["off_identity"] for s in r["stats"].values())
-        top = max(s["prompt_share"] for s in r["stats"].values())
+        shares = [s["prompt_share"] for s in r["stats"].values()]  # over layers and targets
         acc = f"{r['test']:.1f}" if r["test"] is not None else ""
-        lines.append(f"| {r['label']} | {acc} | {off:.3g} | {share(r):.3g} ({top:.3g}) |")
+        lines.append(f"| {r['label']} | {acc} | {off:.3g} | {statistics.fmean(shares):.3g} ({max(shares):.3g}) |")
     lines += ["", "The prompt-dependent share by layer and target, for "
               + "; ".join(f"({k + 1}) {r['label']}" for k, r in enumerate(results)) + ":", "",
               "| layer | target | " + " | ".join(f"({k + 1})" for k in range(len(results))) + " |",

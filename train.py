@@ -60,6 +60,9 @@ def parse_args(argv=None):
                         "instead of stopping with an error naming the file and line")
     g.add_argument("--system", default=SYSTEM_PROMPT,
                    help="the chat template's system prompt (default: the paper's, Appendix C); \"\" for none")
+    g.add_argument("--no-eos-loss", action="store_true",
+                   help="leave the EOS that ends each response out of the training and dev loss (the model then does "
+                        "not learn to stop: give --max-new-tokens); the paper trains it")
     g = p.add_argument_group("model")
     g.add_argument("--weights", required=True, help="checkpoint: HF or Meta directory, llama2.c .bin / .pt")
     g.add_argument("--tokenizer", help="tokenizer.model (default: found beside or inside --weights)")
@@ -206,9 +209,9 @@ def atomic_save(obj, path):
 
 
 # The settings a resumed run must share with the interrupted one, or it would not continue the same run.
-SAME_RUN = ("data", "dev", "task", "max_train", "max_eval", "max_len", "system", "weights", "method", "targets", "r",
-            "pooler", "K", "lora_alpha", "proj", "lr", "weight_decay", "warmup", "epochs", "max_steps", "batch_size",
-            "grad_accum", "clip", "eval_every", "patience", "seed")
+SAME_RUN = ("data", "dev", "task", "max_train", "max_eval", "max_len", "system", "no_eos_loss", "weights", "method",
+            "targets", "r", "pooler", "K", "lora_alpha", "proj", "lr", "weight_decay", "warmup", "epochs", "max_steps",
+            "batch_size", "grad_accum", "clip", "eval_every", "patience", "seed")
 
 
 def file_digest(path):
@@ -450,6 +453,8 @@ def train(args, on_step=None):
     fit = dict(skip_long=args.skip_long, context=model.args.max_seq_len)
     train_pairs, cut, train_skipped = tokenize(train_ex, tok, args.max_len, system, **fit)
     dev_pairs, dev_cut, dev_skipped = tokenize(dev_ex[:args.max_eval], tok, args.max_len, system, **fit)
+    if args.no_eos_loss:  # every response ends with EOS (encode_chat): without it, nothing is trained to follow it
+        train_pairs, dev_pairs = [(p, r[:-1]) for p, r in train_pairs], [(p, r[:-1]) for p, r in dev_pairs]
     skipped = {"train": len(train_skipped), "dev": len(dev_skipped)}
     print(f"task {task}: {len(train_pairs)} train / {len(dev_pairs)} dev / {len(test_ex or [])} test examples; "
           f"{cut + dev_cut} passages truncated to fit {args.max_len} tokens"

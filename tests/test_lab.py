@@ -272,3 +272,14 @@ def test_lab_help_lists_every_command(capsys):
         lab.parse_args(["--help"])
     out = capsys.readouterr().out
     assert all(c in out for c in ("compare", "ablations", "sweep", "vectors", "attention"))
+
+
+def test_a_tasks_per_method_learning_rate_reaches_that_method_alone_and_flags_after_dashes_win():
+    def lr(argv, method):
+        opts = lab.parse_args(argv)
+        return lab.train.parse_args(lab.run_argv(opts, AdapterConfig(method), 0, Path("out"))).lr
+    assert lr(["compare", "--data", "sst2"], "lora") == 3e-3 and lr(["compare", "--data", "sst2"], "para") == 1e-2
+    assert lr(["compare", "--data", "boolq"], "lora") == 1e-2  # BoolQ trains every method alike
+    assert lr(["compare", "--data", "sst2", "--", "--lr", "5e-4"], "lora") == 5e-4
+    assert lab.lr_exceptions(lab.parse_args(["compare", "--data", "sst2"])) == " (LoRA: 0.003)"
+    assert lab.lr_exceptions(lab.parse_args(["compare", "--data", "sst2", "--", "--lr", "3e-3"])) == ""

@@ -237,3 +237,15 @@ def test_evaluation_and_predictions_show_progress(tmp_path, capsys, monkeypatch)
     # dev loss on the first 8 dev examples, predictions once per distinct prompt (6 of them)
     assert "dev loss: 4/8" in printed and "dev predictions: 4/6" in printed and "test predictions: 4/6" in printed
     assert "eta" in printed.split("test predictions: 4/6")[1].splitlines()[0]
+
+
+def test_no_eos_loss_leaves_exactly_the_final_eos_out_of_the_training_and_dev_loss(tmp_path, monkeypatch):
+    tok = load_tokenizer(shared("assets", "stories260K", "hf", "tokenizer.model"))
+    responses = {tuple(tok.encode_chat("x", c)[1]) for c in COLOURS.values()}  # each colour's ids, EOS at the end
+    seen = []
+    collate = train.collate
+    monkeypatch.setattr(train, "collate", lambda pairs, *a: seen.extend(r for _, r in pairs) or collate(pairs, *a))
+    for flags, want in (((), responses), (("--no-eos-loss",), {r[:-1] for r in responses})):
+        seen.clear()
+        train.train(run_args(tmp_path, "--max-steps", "2", "--eval-every", "2", "--overwrite", *flags))
+        assert {tuple(r) for r in seen} <= want and len(seen) == 2 * 8 + 24  # two steps of 8, the 24 dev examples

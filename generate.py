@@ -7,7 +7,7 @@
         --requests requests.jsonl --output answers.jsonl
 
 A single --prompt streams its answer to the terminal (greedy or sampling; beam search prints its beams at the
-end). --fast decodes with the static-shape step of para_mini/fast.py (a CUDA graph on a GPU), the same tokens. --requests reads one JSON object per line, {"prompt": "...", "adapter": "a" or null}, where a line may
+end). --requests reads one JSON object per line, {"prompt": "...", "adapter": "a" or null}, where a line may
 also set "id" (copied to its answer) and override system, chat, max_new_tokens, temperature, top_k, top_p,
 seed, beam, length_penalty and num_return. Requests with the same decoding settings are batched together, each
 row with its own adapter. Every non-blank line gets one answer line: the request with "line" (its line number),
@@ -16,7 +16,8 @@ row with its own adapter. Every non-blank line gets one answer line: the request
 
 Answers are written as soon as their batch is done (in file order among requests with the same settings), with
 progress on stderr. Run the same command again after an interruption: the requests --output already answers (by
-"id", else by line) are skipped, and those that failed are tried again.
+"id", else by line) are skipped, and those that failed are tried again. --fast decodes with the static-shape step
+of para_mini/fast.py (replayed from a CUDA graph on a GPU): the same answers as the default eager path.
 Exit status: 0 every request answered; 1 some failed (the others are answered); 2 nothing could be served (bad
 command, weights or file); 130 interrupted (Ctrl-C), with what was finished kept.
 """

@@ -337,8 +337,8 @@ def main(argv=None):
     notes = []
     if shape == "7b":
         s["mixed"] = [8]
-        notes.append("7B shape: mixed batches of 8 only (the targets' size): PEFT's mixed-adapter batch of 32 "
-                     "would take minutes per run")
+        notes.append("7B shape: mixed batches of 8 only (the targets' size), to keep the run short: PEFT's "
+                     "mixed-adapter batch slows with every adapter it mixes")
     if a.compile:
         torch._dynamo.config.recompile_limit = 64  # one compiled step per batch shape and adapter mix, not 8
     if a.quick:

@@ -9,8 +9,6 @@
 # its keys, values and every layer's Vectors (PARA's l_q, l_v, l_u, the other tenants' vectors, LoRA factors and
 # BitFit biases, the identity on rows without an adapter) are copied into static tensors that the step reads.
 # The blocks are model.py's own (Block.forward), so the step computes the same equations.
-from typing import Optional
-
 import torch
 
 from .model import Transformer, rope
@@ -37,6 +35,8 @@ def tensors(v: Vectors) -> list:
 
 
 def static_copy(v: Vectors) -> Vectors:
+    """Tensors of the step's own: reordered in place and refilled by load(), so never an adapter's own parameter
+    (a LoRA factor shared by every row is the parameter itself)."""
     out = Vectors()
     out.l, out.b = ({site: t.clone() for site, t in d.items()} for d in (v.l, v.b))
     out.lora = {site: [(A.clone(), B.clone()) for A, B in pairs] for site, pairs in v.lora.items()}
@@ -45,8 +45,8 @@ def static_copy(v: Vectors) -> Vectors:
 
 def layout(v: Vectors) -> tuple:
     """What a captured step depends on in a layer's Vectors: which projections carry which tensors, of which shape."""
-    return tuple(v.l), tuple(v.b), tuple((site, len(pairs)) for site, pairs in v.lora.items()), \
-        tuple(t.shape for t in tensors(v))
+    lora = tuple((site, len(pairs)) for site, pairs in v.lora.items())
+    return tuple(v.l), tuple(v.b), lora, tuple(t.shape for t in tensors(v))
 
 
 class FastDecoder:
@@ -130,7 +130,7 @@ def fast_decoder(model: Transformer, cache: Cache, compile: bool = False) -> Fas
     """The model's FastDecoder for this cache's batch and length, loaded with the cache. It is kept on the model
     (model.fast_decoder, one at a time) so that the next batch of the same shape reuses its buffers and its CUDA
     graph rather than capture another; `model.fast_decoder = None` frees it."""
-    d: Optional[FastDecoder] = getattr(model, "fast_decoder", None)
+    d = getattr(model, "fast_decoder", None)
     k = cache.layers[0].k
     if d is None or d.shape != (k.shape[0], k.shape[2]) or d.compile != compile:
         model.fast_decoder = None  # let go of the old buffers before making the new ones

@@ -16,7 +16,8 @@ row with its own adapter. Every non-blank line gets one answer line: the request
 
 Answers are written as soon as their batch is done (in file order among requests with the same settings), with
 progress on stderr. Run the same command again after an interruption: the requests --output already answers (by
-"id", else by line) are skipped, and those that failed are tried again.
+"id", else by line) are skipped, and those that failed are tried again. --fast decodes with the static-shape step
+of para_mini/fast.py (replayed from a CUDA graph on a GPU): the same answers as the default eager path.
 Exit status: 0 every request answered; 1 some failed (the others are answered); 2 nothing could be served (bad
 command, weights or file); 130 interrupted (Ctrl-C), with what was finished kept.
 """
@@ -70,6 +71,8 @@ def parse_args(argv=None):
     g.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam score = sum of log-probs / length ** this (default 1.0, as Hugging Face)")
     g.add_argument("--num-return", type=int, default=1, help="beam search: how many best hypotheses to return")
+    g.add_argument("--fast", action="store_true", help="decode with the static-shape step (para_mini/fast.py), "
+                   "replayed from a CUDA graph on a GPU: the same tokens as the default eager path")
     args = p.parse_args(argv)
     if args.output and not args.requests:
         p.error("--output goes with --requests; a --prompt is answered on the terminal")
@@ -132,16 +135,16 @@ def read_requests(path, defaults):
     return out
 
 
-def decode(model, tok, requests, s, batch_size, stream=None):
+def decode(model, tok, requests, s, batch_size, stream=None, fast=False):
     if s["beam"] < 1:
         raise ValueError(f"beam {s['beam']} must be at least 1 (1: greedy or sampling)")
     if s["beam"] > 1 or s["num_return"] > 1:
         if s["temperature"] > 0:
             raise ValueError("beam search does not sample: a temperature goes with beam 1")
         return beam_search(model, requests, s["beam"], s["length_penalty"], s["num_return"], tok.eos_id,
-                           batch_size)
+                           batch_size, fast=fast)
     return generate(model, requests, tok.eos_id, s["temperature"], s["top_k"], s["top_p"], batch_size=batch_size,
-                    stream=stream)
+                    stream=stream, fast=fast)
 
 
 def serve(model, tok, entries, args, write):
@@ -159,7 +162,7 @@ def serve(model, tok, entries, args, write):
             requests = [Request(encode(tok, obj["prompt"], r["chat"], r["system"]), obj.get("adapter"),
                                 r["max_new_tokens"], r["seed"]) for _, _, obj, r in batch]
             try:
-                results = decode(model, tok, requests, dict(zip(SETTINGS, key)), args.batch_size)
+                results = decode(model, tok, requests, dict(zip(SETTINGS, key)), args.batch_size, fast=args.fast)
             except ValueError as e:  # settings that no request of this group can run with (e.g. num_return > beam)
                 write([{**obj, "line": n, "error": f"{where}: {e}"} for n, where, obj, _ in batch])
                 continue
@@ -245,7 +248,7 @@ def answer_prompt(model, tok, names, args):
             print(text[len(shown):], end="", flush=True)
             shown = text
 
-    [res] = decode(model, tok, [request], {k: getattr(args, k) for k in SETTINGS}, 1, stream)
+    [res] = decode(model, tok, [request], {k: getattr(args, k) for k in SETTINGS}, 1, stream, args.fast)
     if res.error:
         raise ValueError(res.error)
     if res.beams:  # beam search: the answers are known only at the end

@@ -2,6 +2,8 @@
 # the paper's Table 4 setting (one 274-token prompt, 32 new tokens, beam 1 and 3) and in mixed-tenant batches
 # (every request with its own adapter), beside Hugging Face transformers + PEFT on the very same weight tensors
 # when those are installed, so the ratios are measured side by side. Weights are random: nothing is downloaded.
+# Our rows come twice: the eager decoding step and the fast one (fast.py: a CUDA graph on a GPU), and the report
+# ends with the ratios of the GPU issue's targets 1-5, each from figures of the same run.
 import argparse
 import json
 import platform
@@ -41,6 +43,11 @@ DEFINITIONS = {
                     "cpu_rss_peak_mib for the whole process)",
     "floor_tokens_per_s": "every weight GEMV of one token (batch 1: x @ W.T for all layers' seven linears and the "
                           "LM head) replayed from a CUDA graph: the practical floor of batch-1 decoding",
+    "path": "eager: model.py's decoding step (the default); fast: para_mini/fast.py's static-shape step from the same "
+            "eager prefill, replayed from a CUDA graph on a GPU (torch.compile'd first with --compile), run as it is "
+            "on a CPU; Hugging Face's rows are its eager generate",
+    "targets": "the GPU issue's targets 1-5 as ratios of this run's figures; met is null where a figure is missing "
+               "(no GPU: no floor; no Hugging Face)",
 }
 
 
@@ -110,27 +117,31 @@ def prompts(vocab, prompt_len, n, seed=0):
 
 def bench_ours(model, s, device):
     rows = []
-    generate(model, [Request(p, None, 4) for p in prompts(model.args.vocab_size, s["prompt_len"], 2)])  # warm-up
+    for fast in (False, True):  # warm-up
+        generate(model, [Request(p, None, 4) for p in prompts(model.args.vocab_size, s["prompt_len"], 2)], fast=fast)
     for method, cfg in METHODS.items():
         names = attach(model, cfg, max(s["mixed"])) if cfg else []
         for batch, beam in [(1, b) for b in s["beams"]] + [(n, 1) for n in s["mixed"]]:
             ps = prompts(model.args.vocab_size, s["prompt_len"], batch)
             adapters = names[:batch] if cfg else [None] * batch
+            for path in ("eager", "fast"):
+                opts = {"fast": path == "fast", "compile": path == "fast" and s["compile"], "batch_size": batch}
 
-            def run(n):
-                requests = [Request(p, a, n) for p, a in zip(ps, adapters)]
-                if beam == 1:
-                    generate(model, requests, batch_size=batch)
-                else:
-                    beam_search(model, requests, beam=beam, batch_size=batch)
+                def run(n):
+                    requests = [Request(p, a, n) for p, a in zip(ps, adapters)]
+                    if beam == 1:
+                        generate(model, requests, **opts)
+                    else:
+                        beam_search(model, requests, beam=beam, **opts)
 
-            row = {"impl": "para-mini", "method": method, "batch": batch, "beam": beam,
-                   "tenants": len(set(adapters) - {None})}
-            rows.append(row | measure(run, batch, s["new_tokens"], device, s["warmup"], s["repeats"]))
-            print(f"para-mini {method:5s} batch {batch:2d} beam {beam}: {rows[-1]['tokens_per_s']:.1f} tokens/s",
-                  file=sys.stderr)
+                row = {"impl": "para-mini", "path": path, "method": method, "batch": batch, "beam": beam,
+                       "tenants": len(set(adapters) - {None})}
+                rows.append(row | measure(run, batch, s["new_tokens"], device, s["warmup"], s["repeats"]))
+                print(f"para-mini {path:5s} {method:5s} batch {batch:2d} beam {beam}: "
+                      f"{rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
         for name in reversed(names):
             remove_adapter(model, name)
+    model.fast_decoder = None  # its static cache and CUDA graph: free for Hugging Face's runs
     return rows
 
 
@@ -202,10 +213,10 @@ def bench_hf(model, s, device):
                 m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, num_beams=beam,
                            do_sample=False, pad_token_id=0, **extra)
 
-            row = {"impl": "hf", "method": method, "batch": batch, "beam": beam,
+            row = {"impl": "hf", "path": "eager", "method": method, "batch": batch, "beam": beam,
                    "tenants": len(extra.get("adapter_names", [])) or int(cfg is not None)}
             rows.append(row | measure(run, batch, s["new_tokens"], device, s["warmup"], s["repeats"]))
-            print(f"hf        {method:5s} batch {batch:2d} beam {beam}: {rows[-1]['tokens_per_s']:.1f} tokens/s",
+            print(f"hf        eager {method:5s} batch {batch:2d} beam {beam}: {rows[-1]['tokens_per_s']:.1f} tokens/s",
                   file=sys.stderr)
         if cfg is not None:
             hf = m.unload()  # take the adapter layers out again: the next method starts from the plain model
@@ -221,11 +232,46 @@ def ratios(rows):
         if r["impl"] != "para-mini":
             continue
         others = ("base", "lora", "ia3") if r["method"] == "para" else (r["method"],)
-        entry = {"method": r["method"], "batch": r["batch"], "beam": r["beam"]}
+        entry = {"path": r["path"], "method": r["method"], "batch": r["batch"], "beam": r["beam"]}
         for other in others:
             theirs = hf.get((other, r["batch"], r["beam"]))
             entry[f"over_hf_{other}"] = r["tokens_per_s"] / theirs if theirs else None
         out.append(entry)
+    return out
+
+
+def targets(rows, floor, n):
+    """The GPU issue's targets 1-5, each a ratio of two figures of this run; n: the mixed batch (8 in the full run)."""
+    def get(key, impl, path, method, batch, beam=1):
+        return next((r[key] for r in rows if (r["impl"], r["path"], r["method"], r["batch"], r["beam"]) ==
+                     (impl, path, method, batch, beam)), None)
+
+    out = []
+
+    def check(target, what, num, den, at_least=None, at_most=None):
+        ratio = num / den if num and den else None
+        met = None if ratio is None else ratio >= at_least if at_most is None else ratio <= at_most
+        out.append({"target": target, "what": what, "ratio": ratio,
+                    "goal": f">= {at_least}" if at_most is None else f"<= {at_most}", "met": met})
+
+    D, T = "decode_tokens_per_s", "tokens_per_s"
+    check(1, "eager batch-1 decode tokens/s, base model: para-mini / Hugging Face",
+          get(D, "para-mini", "eager", "base", 1), get(D, "hf", "eager", "base", 1), at_least=1.5)
+    check(2, "fast batch-1 decode tokens/s, base model / floor_tokens_per_s (the CUDA-graph GEMV floor)",
+          get(D, "para-mini", "fast", "base", 1), floor, at_least=0.8)
+    for path in ("eager", "fast"):
+        for batch, beam in ((1, 1), (1, 3), (n, 1)):
+            check(3, f"{path} decode tokens/s at batch {batch}, beam {beam}: PARA / base",
+                  get(D, "para-mini", path, "para", batch, beam), get(D, "para-mini", path, "base", batch, beam),
+                  at_least=0.97)
+    for path in ("eager", "fast"):
+        para = get(T, "para-mini", path, "para", n)
+        check(4, f"{path}, {n} requests with {n} distinct adapters, tokens/s: PARA / LoRA (para-mini)",
+              para, get(T, "para-mini", path, "lora", n), at_least=1.3)
+        check(4, f"{path}, {n} requests with {n} distinct adapters, tokens/s: PARA (para-mini) / PEFT's LoRA "
+              "mixed-adapter batch", para, get(T, "hf", "eager", "lora", n), at_least=5)
+    check(5, "time to first token at batch 1: PARA / base (both paths prefill with the eager model)",
+          get("ttft_s", "para-mini", "eager", "para", 1), get("ttft_s", "para-mini", "eager", "base", 1), at_most=1.05)
     return out
 
 
@@ -277,6 +323,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a few tokens and one repeat: checks that it runs")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face + PEFT even when installed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast step before capturing it "
+                   "(compiled once per batch shape and adapter mix: minutes on the 7B shape)")
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -285,8 +333,14 @@ def main(argv=None):
         p.error("--shape 7b needs a CUDA GPU (a 7B model decodes at seconds per token on a CPU)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     s = {"prompt_len": 274, "new_tokens": 32, "beams": [1, 3], "mixed": [8, 32],
-         "warmup": 1, "repeats": 3}
+         "warmup": 1, "repeats": 3, "compile": a.compile}
     notes = []
+    if shape == "7b":
+        s["mixed"] = [8]
+        notes.append("7B shape: mixed batches of 8 only (the targets' size), to keep the run short: PEFT's "
+                     "mixed-adapter batch slows with every adapter it mixes")
+    if a.compile:
+        torch._dynamo.config.recompile_limit = 64  # one compiled step per batch shape and adapter mix, not 8
     if a.quick:
         s |= {"prompt_len": 24, "new_tokens": 4, "mixed": [4], "warmup": 1, "repeats": 1}
         notes.append("--quick: 24-token prompts, 4 new tokens, mixed batch of 4, one timed run: a smoke test, "
@@ -327,7 +381,7 @@ def main(argv=None):
                     "ia3": "(IA)^3 on k, v, u (= PEFT's k_proj, v_proj, down_proj input)",
                     "lora": "LoRA r=4, alpha=8 on all seven linears, unmerged"},
         "settings": s, "definitions": DEFINITIONS, "notes": notes, "results": rows, "ratios": ratios(rows),
-        "floor_tokens_per_s": floor,
+        "floor_tokens_per_s": floor, "targets": targets(rows, floor, s["mixed"][0]),
         "cpu_rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if device.type == "cpu"
         else None,
         "versions": versions,

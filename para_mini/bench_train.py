@@ -44,6 +44,7 @@ DEFINITIONS = {
                             "(the loss needs logits only there) + 12 x layers x dim x T x B (attention scores and "
                             "values, forward and backward, PaLM's convention); adapters are < 0.2% and left out",
     "mfu": "model_flops_per_step / step time / the GPU's dense bf16 peak (H100 / H200 SXM: 989 TFLOP/s)",
+    "para_over_peft": "at each depth, PARA's tokens/s and peak memory over PEFT LoRA's, from the same run",
 }
 
 
@@ -186,6 +187,13 @@ def fit_line(xs, ys):
     return a, b, max(abs(y - (a + b * x)) for x, y in zip(xs, ys))
 
 
+def para_over_peft(rows):
+    peft = {r["layers"]: r for r in rows if r["impl"] == "peft"}
+    return [{"layers": r["layers"], "tokens_per_s": r["tokens_per_s"] / peft[r["layers"]]["tokens_per_s"],
+             "peak_mem": r["peak_mem_gib"] / peft[r["layers"]]["peak_mem_gib"]}
+            for r in rows if r["impl"] == "para-mini" and r["layers"] in peft]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Peak memory and tokens/s of PARA fine-tuning (train.py's step) on a "
                                 "LLaMA-2 shape with random weights, beside PEFT LoRA; prints JSON.")
@@ -232,7 +240,7 @@ def main(argv=None):
         del model
     report = {"shape": shape, "device": s["device"], "threads": torch.get_num_threads(), "settings": s,
               "methods": {"para": str(PARA), "lora": "PEFT LoRA r=4, alpha=8, on all seven linears"},
-              "definitions": DEFINITIONS, "results": rows,
+              "definitions": DEFINITIONS, "results": rows, "para_over_peft": para_over_peft(rows),
               "versions": {"python": platform.python_version(), "torch": torch.__version__}
               | {n: sys.modules[n].__version__ for n in ("transformers", "peft") if n in sys.modules}}
     if len(depths) > 1:

@@ -3,13 +3,15 @@
 #
 # Every request's prompt is run once (the prefill): that is where PARA's vector generators pool it, and the
 # resulting per-row vectors (and LoRA factors, (IA)^3 vectors) stay in the cache beside the keys and values. Each
-# decoding step then feeds one token per row; the vector generator is not called again.
+# decoding step then feeds one token per row; the vector generator is not called again. With fast=True the decoding
+# steps run on fast.py's static-shape step instead (a CUDA graph on a GPU), from the same prefill.
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from .fast import fast_decoder
 from .model import Transformer
 
 
@@ -96,11 +98,12 @@ def pick(logits, temperature: float, top_k: int, top_p: float, generators):
 @torch.no_grad()
 def generate(model: Transformer, requests: list, eos_id: Optional[int] = None, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-             stream: Optional[Callable[[int, int], None]] = None) -> list:
+             stream: Optional[Callable[[int, int], None]] = None, fast: bool = False, compile: bool = False) -> list:
     """Greedy decoding (temperature 0) or sampling, one Result per request, in order.
 
     Each request stops at eos_id (None: never) or after its max_new_tokens. stream(request index, token id) is
-    called for every generated token as soon as it is chosen (eos excluded).
+    called for every generated token as soon as it is chosen (eos excluded). fast: decode with fast.py's static
+    step (a CUDA graph on a GPU; compile: torch.compile it too), the same tokens as the eager path.
     """
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature {temperature} must be >= 0, top_k {top_k} >= 0, top_p {top_p} in (0, 1]")
@@ -112,6 +115,7 @@ def generate(model: Transformer, requests: list, eos_id: Optional[int] = None, t
         cache, logits = prefill(model, batch)
         results = [Result() for _ in batch]
         alive = list(range(len(batch)))  # the batch rows still generating, in the cache's row order
+        rows, decoder = torch.arange(len(batch), device=device), None  # fast: each alive request's row, fixed
         while True:
             tokens = pick(logits, temperature, top_k, top_p, [generators[b] for b in alive])
             keep = []
@@ -131,10 +135,15 @@ def generate(model: Transformer, requests: list, eos_id: Optional[int] = None, t
                 return results
             if len(keep) < len(alive):  # drop the finished rows from the cache rather than decode them further
                 keep_t = torch.tensor(keep, device=device)
-                cache.reorder(keep_t)
-                tokens = tokens[keep_t]
+                if not fast:  # the static step keeps every row: it decodes the finished ones and ignores them
+                    cache.reorder(keep_t)
+                tokens, rows = tokens[keep_t], rows[keep_t]
                 alive = [alive[row] for row in keep]
-            logits = model(tokens[:, None], cache=cache)[:, -1].float()
+            if fast:
+                decoder = decoder or fast_decoder(model, cache, compile)
+                logits = decoder.step(rows, tokens)
+            else:
+                logits = model(tokens[:, None], cache=cache)[:, -1].float()
 
     return run_valid(model, requests, batch_size, decode)
 
@@ -143,7 +152,8 @@ def generate(model: Transformer, requests: list, eos_id: Optional[int] = None, t
 
 @torch.no_grad()
 def beam_search(model: Transformer, requests: list, beam: int = 3, length_penalty: float = 1.0,
-                num_return: int = 1, eos_id: Optional[int] = None, batch_size: int = 16) -> list:
+                num_return: int = 1, eos_id: Optional[int] = None, batch_size: int = 16, fast: bool = False,
+                compile: bool = False) -> list:
     """Beam search, one Result per request with its num_return best hypotheses and their scores.
 
     Hugging Face's convention (num_beams, early_stopping=False), so beam 1 is greedy decoding:
@@ -153,6 +163,7 @@ def beam_search(model: Transformer, requests: list, beam: int = 3, length_penalt
         in eos (or reaching max_new_tokens) are set aside as finished, and the best `beam` that did not end go on;
       - a request stops when `beam` hypotheses have finished and the best running one, scored at its current
         length, can no longer beat the worst of them, or at max_new_tokens.
+    fast, compile: as for generate; the static cache keeps each request's W rows in place and reorders them there.
     """
     if beam < 1 or not 1 <= num_return <= beam:
         raise ValueError(f"beam {beam} must be >= 1 and num_return {num_return} between 1 and the beam")
@@ -168,7 +179,7 @@ def beam_search(model: Transformer, requests: list, beam: int = 3, length_penalt
         # per request: running hypotheses as (tokens, sum of log-probs); only the first is live at the start
         running = [[([], 0.0)] + [([], -math.inf)] * (W - 1) for _ in batch]
         finished = [[] for _ in batch]  # (score, tokens, stop), best first, at most W
-        alive, step = list(range(len(batch))), 0
+        alive, step, decoder = list(range(len(batch))), 0, None
         while True:
             sums = torch.tensor([[s for _, s in running[b]] for b in alive], device=device)
             totals = (logp.view(len(alive), W, V) + sums[..., None]).view(len(alive), W * V)
@@ -195,13 +206,21 @@ def beam_search(model: Transformer, requests: list, beam: int = 3, length_penalt
                     continue
                 going += [(0, [], -math.inf)] * (W - len(going))  # dead rows keep the block W wide
                 running[b] = [(seq, total) for _, seq, total in going]
-                rows += [k * W + w for w, _, _ in going]
+                block = b if fast else k  # the request's W rows start at block * W (the static cache never drops)
+                rows += [block * W + w for w, _, _ in going]
                 tokens += [seq[-1] if seq else 0 for _, seq, _ in going]
                 still.append(b)
             if not still:
                 break
-            cache.reorder(torch.tensor(rows, device=device))
-            logits = model(torch.tensor(tokens, device=device)[:, None], cache=cache)[:, -1].float()
+            rows, tokens = torch.tensor(rows, device=device), torch.tensor(tokens, device=device)
+            if fast:
+                decoder = decoder or fast_decoder(model, cache, compile)
+                dst = torch.tensor([b * W + w for b in still for w in range(W)], device=device)
+                decoder.reorder(dst, rows)
+                logits = decoder.step(dst, tokens)
+            else:
+                cache.reorder(rows)
+                logits = model(tokens[:, None], cache=cache)[:, -1].float()
             logp, alive, step = logits.log_softmax(-1), still, step + 1
 
         results = []

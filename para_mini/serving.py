@@ -12,8 +12,12 @@ from torch import nn
 from torch.func import functional_call
 
 
-class One:
-    """l for a projection no adapter scales: l * y is y itself, without a multiply."""
+class One(float):
+    """l for a projection no adapter scales: l * y is y itself, without a multiply. A float 1.0 so that
+    torch.compile, which does not call __mul__, can trace it too (there it multiplies by 1.0: exact, and fused)."""
+
+    def __new__(cls):
+        return super().__new__(cls, 1.0)
 
     def __mul__(self, y):
         return y

@@ -80,6 +80,11 @@ def test_the_bench_prints_json_and_its_depth_fit_predicts_the_full_depth(tmp_pat
     assert fitted == json.loads((tmp_path / "fit.json").read_text())
     whole = bench()  # the tiny shape has 2 layers
     assert "para-mini" in {r["impl"] for r in whole["results"]}
+    if "peft" in {r["impl"] for r in whole["results"]}:  # the ratio the GPU issue's target 6 asks for
+        [ratio] = whole["para_over_peft"]
+        para, peft = sorted(whole["results"], key=lambda r: r["impl"] != "para-mini")
+        assert ratio == {"layers": 2, "tokens_per_s": para["tokens_per_s"] / peft["tokens_per_s"],
+                         "peak_mem": para["peak_mem_gib"] / peft["peak_mem_gib"]}
     for row in whole["results"]:
         assert row["tokens_per_s"] > 0 and row["layers"] == 2 and row["mfu"] is None  # no MFU on a CPU
         fit = fitted["at_full_depth"][row["impl"]]

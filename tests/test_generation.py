@@ -324,19 +324,22 @@ def test_generate_py_streams_a_single_prompt_as_the_api_decodes_it():
 
 # ------------------------------------------------------------------------------------------------------- bench
 
-def test_the_bench_runs_on_cpu_and_prints_json_with_the_documented_keys(tmp_path):
+def test_the_bench_runs_on_cpu_both_paths_and_prints_json_with_the_documented_keys_and_targets(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "para_mini.bench", "--shape", "tiny", "--device", "cpu", "--quick",
                            "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report == json.loads((tmp_path / "bench.json").read_text())
-    assert {"shape", "device", "settings", "definitions", "results", "ratios", "floor_tokens_per_s",
+    assert {"shape", "device", "settings", "definitions", "results", "ratios", "floor_tokens_per_s", "targets",
             "cpu_rss_peak_mib", "notes"} <= set(report)
-    ours = {(r["method"], r["batch"], r["beam"]) for r in report["results"] if r["impl"] == "para-mini"}
-    assert ours == {(m, b, k) for m in ("base", "para", "ia3", "lora") for b, k in [(1, 1), (1, 3), (4, 1)]}
+    ours = [(r["path"], r["method"], r["batch"], r["beam"]) for r in report["results"] if r["impl"] == "para-mini"]
+    assert sorted(ours) == sorted((p, m, b, k) for p in ("eager", "fast") for m in ("base", "para", "ia3", "lora")
+                                  for b, k in [(1, 1), (1, 3), (4, 1)])
+    assert sorted({t["target"] for t in report["targets"]}) == [1, 2, 3, 4, 5]
+    assert all(set(t) == {"target", "what", "ratio", "goal", "met"} for t in report["targets"])
     for r in report["results"]:
         # ttft and total are medians of separate runs: under load either may come out larger, so no order is asserted
         assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["total_s"] > 0
-        assert set(r) >= {"impl", "method", "batch", "beam", "tokens_per_s", "ttft_s", "peak_mem_mib"}
+        assert set(r) >= {"impl", "path", "method", "batch", "beam", "tokens_per_s", "ttft_s", "peak_mem_mib"}
     assert report["floor_tokens_per_s"] is None and report["cpu_rss_peak_mib"] > 0  # CUDA only; CPU: the RSS

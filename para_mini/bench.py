@@ -340,7 +340,9 @@ def main(argv=None):
         notes.append("7B shape: mixed batches of 8 only (the targets' size), to keep the run short: PEFT's "
                      "mixed-adapter batch slows with every adapter it mixes")
     if a.compile:
-        torch._dynamo.config.recompile_limit = 64  # one compiled step per batch shape and adapter mix, not 8
+        # one compiled step per batch shape and adapter mix, not 8 (torch < 2.6 calls the limit cache_size_limit)
+        c = torch._dynamo.config
+        setattr(c, "recompile_limit" if hasattr(c, "recompile_limit") else "cache_size_limit", 64)
     if a.quick:
         s |= {"prompt_len": 24, "new_tokens": 4, "mixed": [4], "warmup": 1, "repeats": 1}
         notes.append("--quick: 24-token prompts, 4 new tokens, mixed batch of 4, one timed run: a smoke test, "

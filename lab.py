@@ -249,8 +249,9 @@ def settings_line(opts) -> str:
     return (f"{opts.data}: {a.max_train or 'all'} training examples, {a.max_steps} steps of {a.batch_size}, "
             f"lr {a.lr:g}{lr_exceptions(opts)} (the paper: 1e-4 on 7B), {system}, max-len {a.max_len}, dev loss "
             f"every {a.eval_every} steps (the best adapter is kept), test = the first {a.max_eval} test examples, "
-            f"greedy decoding (the paper: beam 3) of at most {a.max_new_tokens} tokens, seeds {', '.join(map(str, opts.seeds))}. Test acc: "
-            "the label the answer starts with; train.py's acc: the label as a whole word")
+            f"greedy decoding (the paper: beam 3) of at most {a.max_new_tokens} tokens, seeds "
+            f"{', '.join(map(str, opts.seeds))}. Test acc: the label the answer starts with; train.py's acc: the label "
+            "as a whole word")
 
 
 def lr_exceptions(opts) -> str:

@@ -49,7 +49,7 @@ RESULTS, RUNS = ROOT / "lab" / "results", ROOT / "lab" / "runs"
 # train with it. BoolQ passages are cut to fit 256 tokens; the 260K model does not read them (LAB.md), so
 # its runs stay short. A model this small wants a learning rate far above the paper's. Generation stops at the
 # longest label's length (SST-2: "positive" is 6 tokens, BoolQ: "yes" and "no" are 2), because the model rarely
-# learns to emit EOS after the label (see label_first_accuracy). "quick": the classroom version, about 2 minutes.
+# learns to emit EOS after the label (see label_first_accuracy). "quick": the classroom version, under a minute.
 TASKS = {
     "sst2": {"train": "sst2/train.tsv", "dev": None, "test": "sst2/dev.tsv",
              "flags": ["--max-train", "20000", "--max-eval", "872", "--batch-size", "16", "--max-steps", "1400",
@@ -676,7 +676,7 @@ def parse_args(argv=None):
             s.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; with --quick: 0)")
         s.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                        help="training runs at once, each in its own process (default: 2, or 1 on a 1-core machine)")
-        s.add_argument("--quick", action="store_true", help="the classroom version, about 2 minutes: one seed, "
+        s.add_argument("--quick", action="store_true", help="the classroom version, under a minute: one seed, "
                        "fewer steps and test examples (results go to <name>-quick.md / .json)")
         return s
 

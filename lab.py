@@ -247,18 +247,18 @@ def settings_line(opts) -> str:
     system = "the paper's system prompt" if a.system == SYSTEM_PROMPT else \
         "no system prompt (the paper: its Appendix C one)" if not a.system else "system prompt given by --system"
     return (f"{opts.data}: {a.max_train or 'all'} training examples, {a.max_steps} steps of {a.batch_size}, "
-            f"lr {a.lr:g}{lr_exceptions(opts)} (the paper: 1e-4 on 7B), {system}, max-len {a.max_len}, dev loss "
+            f"lr {a.lr:g}{lr_exceptions(opts, a.lr)} (the paper: 1e-4 on 7B), {system}, max-len {a.max_len}, dev loss "
             f"every {a.eval_every} steps (the best adapter is kept), test = the first {a.max_eval} test examples, "
             f"greedy decoding (the paper: beam 3) of at most {a.max_new_tokens} tokens, seeds "
             f"{', '.join(map(str, opts.seeds))}. Test acc: the label the answer starts with; train.py's acc: the label "
             "as a whole word")
 
 
-def lr_exceptions(opts) -> str:
-    """The methods this task trains at another learning rate, e.g. " (LoRA: 0.003)"; flags after -- win."""
+def lr_exceptions(opts, lr: float) -> str:
+    """The methods this task trains at a rate other than `lr`, e.g. " (LoRA: 0.003)"; flags after -- win."""
     names = {"para": "PARA", "lora": "LoRA", "ia3": "(IA)^3", "bitfit": "BitFit"}
     rates = {m: train.parse_args(run_argv(opts, AdapterConfig(m), 0, RUNS)).lr for m in names}
-    return "".join(f" ({names[m]}: {lr:g})" for m, lr in rates.items() if lr != run_settings(opts).lr)
+    return "".join(f" ({names[m]}: {rate:g})" for m, rate in rates.items() if rate != lr)
 
 
 def result_table(rows, baseline=None) -> str:

@@ -282,5 +282,5 @@ def test_a_tasks_per_method_learning_rate_reaches_that_method_alone_and_flags_af
     assert (lr(sst2, "lora"), lr(sst2, "ia3"), lr(sst2, "para"), lr(sst2, "bitfit")) == (3e-3, 2e-2, 1e-2, 1e-2)
     assert lr(["compare", "--data", "boolq"], "lora") == 1e-2  # BoolQ trains every method alike
     assert lr(sst2 + ["--", "--lr", "5e-4"], "lora") == 5e-4
-    assert lab.lr_exceptions(lab.parse_args(sst2)) == " (LoRA: 0.003) ((IA)^3: 0.02)"
-    assert lab.lr_exceptions(lab.parse_args(sst2 + ["--", "--lr", "3e-3"])) == ""
+    assert lab.lr_exceptions(lab.parse_args(sst2), 1e-2) == " (LoRA: 0.003) ((IA)^3: 0.02)"
+    assert lab.lr_exceptions(lab.parse_args(sst2 + ["--", "--lr", "3e-3"]), 3e-3) == ""

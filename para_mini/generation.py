@@ -58,7 +58,8 @@ def prefill(model: Transformer, batch: list):
     for b, r in enumerate(batch):
         tokens[b, T - len(r.prompt):] = torch.tensor(r.prompt, device=device)
     cache = model.new_cache(len(batch), T + max(r.max_new_tokens for r in batch))
-    logits = model(tokens, prompt_lens=lens, pad=T - lens, cache=cache, adapters=[r.adapter for r in batch],
+    pad = None if all(len(r.prompt) == T for r in batch) else T - lens  # None: no mask at all when decoding
+    logits = model(tokens, prompt_lens=lens, pad=pad, cache=cache, adapters=[r.adapter for r in batch],
                    logits_at=slice(-1, None))
     return cache, logits[:, -1].float()
 

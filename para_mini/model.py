@@ -60,9 +60,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()  # in fp32, as Hugging Face does, so bf16 models agree with it
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # x / sqrt(mean(x^2) + eps) in fp32, rounded to x's dtype before the weight, exactly as Hugging Face does
+        # (so bf16 models agree with it). On a GPU recent PyTorch runs F.rms_norm as one fused kernel where the
+        # formula written out takes five; the norm runs twice per layer at every decoded token.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float, device=None):
@@ -70,19 +71,21 @@ def rope_frequencies(head_dim: int, theta: float, device=None):
 
 
 def rope(positions, head_dim: int, theta: float):
-    """cos and sin for rotate-half RoPE at integer positions [B, T] -> [B, T, head_dim] each, in fp32."""
+    """cos and signed sin for rotate-half RoPE at integer positions [B, T] -> [B, T, head_dim] each, in fp32:
+    (cos a, cos a) and (-sin a, sin a) for the angles a of the two halves (see apply_rope)."""
     angles = positions[..., None].float() * rope_frequencies(head_dim, theta, positions.device)  # [B, T, hd / 2]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles.cos()] * 2, dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    # x: [B, H, T, hd]; rotate-half pairs channel i with i + hd/2 (the Hugging Face layout); at least fp32
+    # x: [B, H, T, hd]; rotate-half pairs channel i with i + hd/2 (the Hugging Face layout) and turns each pair by
+    # its angle: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + (x2, x1) * sin, with sin signed as rope()
+    # gives it; in fp32 at least. Three kernels (roll, mul, addcmul) where x * cos + cat(-x2, x1) * sin takes five,
+    # for Q and K at every layer and every decoded token.
     h = x.to(torch.promote_types(x.dtype, torch.float32))
-    x1, x2 = h.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    return (h * cos + rotated * sin).to(x.dtype)
+    swapped = h.roll(h.shape[-1] // 2, dims=-1)  # (x2, x1)
+    return torch.addcmul(h * cos[:, None], swapped, sin[:, None]).to(x.dtype)  # cos, sin broadcast over heads
 
 
 # --------------------------------------------------------------------------------------------------- attention
@@ -306,7 +309,8 @@ class Transformer(nn.Module):
         """
         start = 0 if cache is None else cache.pos
         if cache is not None:
-            cache.pad = pad.to(tokens.device) if start == 0 and pad is not None else cache.pad
+            if start == 0:  # the prefill sets each row's left padding for the cache's life
+                cache.pad = None if pad is None else pad.to(tokens.device)
             pad = cache.pad
         cos, sin, mask = self.positions(tokens.shape, start, pad, tokens.device)
         # at the prefill: which tokens PARA pools (the prompt's only) and which adapter each row uses
@@ -331,7 +335,7 @@ class Transformer(nn.Module):
         idx = start + torch.arange(T, device=device)  # position in the sequence buffer
         positions = idx[None].expand(B, T) if pad is None else (idx[None] - pad[:, None]).clamp(min=0)
         cos, sin = rope(positions, self.args.head_dim, self.args.rope_theta)
-        if pad is None and start == 0:
+        if pad is None and (start == 0 or T == 1):  # no padding: a prompt is plain causal, a new token sees all
             return cos, sin, None
         keys = torch.arange(start + T, device=device)
         first = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
@@ -342,7 +346,7 @@ class Transformer(nn.Module):
         a, p = self.args, self.output.weight
         max_len = max_len or a.max_seq_len
         layers = [KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, p.dtype, p.device) for _ in self.layers]
-        return Cache(layers, torch.zeros(batch_size, dtype=torch.long, device=p.device))
+        return Cache(layers, pad=None)
 
 
 # ------------------------------------------------------------------------- the baselines, side by side with PARA

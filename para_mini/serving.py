@@ -160,7 +160,8 @@ class KVCache(nn.Module):
 
 
 class Cache:
-    """The model's cache: a KVCache per layer, each row's left padding, and how many positions are filled."""
+    """The model's cache: a KVCache per layer, each row's left padding (None: no row is padded, so decoding needs
+    no attention mask), and how many positions are filled."""
 
     def __init__(self, layers, pad):
         self.layers, self.pad, self.pos = layers, pad, 0
@@ -171,4 +172,4 @@ class Cache:
         for c in self.layers:
             c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
             c.vectors.reorder(index)
-        self.pad = self.pad.index_select(0, index)
+        self.pad = None if self.pad is None else self.pad.index_select(0, index)

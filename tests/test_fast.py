@@ -85,3 +85,19 @@ def test_the_decoder_kept_for_a_batch_of_the_same_shape_serves_that_batch_s_adap
     assert decoder.graph is graph and (graph is None) == (device == "cpu")
     assert [r.tokens for r in fast] == [r.tokens for r in generate(model, shuffled)]
     assert [r.tokens for r in fast] != [r.tokens for r in first]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_kept_decoder_forgets_the_last_batch_s_padding_when_the_next_has_none(device):
+    # prompts of one length leave the cache without padding (pad None: the eager steps need no mask); the decoder
+    # kept from a left-padded batch of the same shape must clear the padding it holds, or rows would lose keys
+    model = tiny_model(vocab=64)
+    names = mixed(model, device)
+    padded = random_prompts(64, [9, 4, 13, 9, 6, 11], seed=6)
+    generate(model, [Request(p, a, 6) for p, a in zip(padded, names)], fast=True)
+    decoder = model.fast_decoder
+    assert decoder.pad.sum() > 0
+    even = [Request(p, a, 6) for p, a in zip(random_prompts(64, [13] * 6, seed=7), names)]  # the same shape
+    fast = generate(model, even, fast=True)
+    assert model.fast_decoder is decoder and decoder.pad.sum() == 0
+    assert [r.tokens for r in fast] == [r.tokens for r in generate(model, even)]

@@ -31,9 +31,9 @@ def kernels(fn, device, top):
         sync(device)
     if on_gpu:  # device events: their own duration
         events = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
-    else:  # operators that call no other operator: where a CPU does the work
+    else:  # operators that call no other operator: where a CPU does the work ("[memory]": allocations, if listed)
         events = [(e.name, e.self_cpu_time_total) for e in prof.events()
-                  if e.device_type == DeviceType.CPU and not e.cpu_children]
+                  if e.device_type == DeviceType.CPU and not e.cpu_children and e.name != "[memory]"]
     by_name = defaultdict(lambda: [0, 0.0])
     for name, us in events:
         by_name[name][0] += 1

@@ -6,6 +6,7 @@
 # ends with the ratios of the GPU issue's targets 1-5, each from figures of the same run.
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -48,6 +49,9 @@ DEFINITIONS = {
             "on a CPU; Hugging Face's rows are its eager generate",
     "targets": "the GPU issue's targets 1-5 as ratios of this run's figures; met is null where a figure is missing "
                "(no GPU: no floor; no Hugging Face)",
+    "timed_calls": "how many calls each median is of (settings.repeats, or fewer under --max-timed-s), after "
+                   "settings.warmup untimed ones",
+    "complete": "false while the run is going on (or where it was stopped): results holds the rows measured so far",
 }
 
 
@@ -81,28 +85,33 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def seconds(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
-def measure(run, batch, new_tokens, device, warmup, repeats):
+def timed(fn, device, warmup, repeats, max_s=None):
+    """(median wall time of `repeats` calls after `warmup` untimed ones, the number of timed calls). max_s: where
+    the last warm-up call says that `repeats` calls would take longer than max_s seconds, time fewer (at least
+    one), so that a few very slow rows (PEFT's mixed-adapter batch on a GPU) do not take most of a short run."""
+    warm = [seconds(fn, device) for _ in range(warmup)]
+    if max_s and warm:
+        repeats = max(1, min(repeats, int(max_s // warm[-1])))
+    return statistics.median(seconds(fn, device) for _ in range(repeats)), repeats
+
+
+def measure(run, batch, new_tokens, device, s):
     """run(n) generates n tokens for every request of the batch."""
-    ttft = timed(lambda: run(1), device, warmup, repeats)
+    ttft, n_ttft = timed(lambda: run(1), device, s["warmup"], s["repeats"], s["max_timed_s"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    total = timed(lambda: run(new_tokens), device, warmup, repeats)
+    total, n_total = timed(lambda: run(new_tokens), device, s["warmup"], s["repeats"], s["max_timed_s"])
     return {"tokens_per_s": batch * new_tokens / total,
             "decode_tokens_per_s": batch * (new_tokens - 1) / (total - ttft) if total > ttft else None,  # noise
-            "ttft_s": ttft, "total_s": total,
+            "ttft_s": ttft, "total_s": total, "timed_calls": {"ttft": n_ttft, "total": n_total},
             "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
 
 
@@ -115,8 +124,8 @@ def prompts(vocab, prompt_len, n, seed=0):
 
 # ---------------------------------------------------------------------------------------------------- ours
 
-def bench_ours(model, s, device):
-    rows = []
+def bench_ours(model, s, device, save):
+    """Every para-mini row, each handed to save() as soon as it is measured."""
     for fast in (False, True):  # warm-up
         generate(model, [Request(p, None, 4) for p in prompts(model.args.vocab_size, s["prompt_len"], 2)], fast=fast)
     for method, cfg in METHODS.items():
@@ -136,13 +145,10 @@ def bench_ours(model, s, device):
 
                 row = {"impl": "para-mini", "path": path, "method": method, "batch": batch, "beam": beam,
                        "tenants": len(set(adapters) - {None})}
-                rows.append(row | measure(run, batch, s["new_tokens"], device, s["warmup"], s["repeats"]))
-                print(f"para-mini {path:5s} {method:5s} batch {batch:2d} beam {beam}: "
-                      f"{rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+                save(row | measure(run, batch, s["new_tokens"], device, s))
         for name in reversed(names):
             remove_adapter(model, name)
     model.fast_decoder = None  # its static cache and CUDA graph: free for Hugging Face's runs
-    return rows
 
 
 # ------------------------------------------------------------------------------- Hugging Face + PEFT, optional
@@ -178,7 +184,8 @@ def hf_inputs(ps, device):
     return ids, mask
 
 
-def bench_hf(model, s, device):
+def bench_hf(model, s, device, save):
+    """Every Hugging Face + PEFT row, each handed to save() as soon as it is measured (the slowest last)."""
     import peft
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from inside PEFT
     hf = hf_twin(model)
@@ -188,7 +195,6 @@ def bench_hf(model, s, device):
         "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
         "lora": peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[x.split(".")[1] for x in sites]),
     }
-    rows = []
     for method, cfg in peft_configs.items():
         # PEFT mixes adapters in one batch (adapter_names=) for LoRA only
         tenants = max(s["mixed"]) if method == "lora" else 1
@@ -215,12 +221,9 @@ def bench_hf(model, s, device):
 
             row = {"impl": "hf", "path": "eager", "method": method, "batch": batch, "beam": beam,
                    "tenants": len(extra.get("adapter_names", [])) or int(cfg is not None)}
-            rows.append(row | measure(run, batch, s["new_tokens"], device, s["warmup"], s["repeats"]))
-            print(f"hf        eager {method:5s} batch {batch:2d} beam {beam}: {rows[-1]['tokens_per_s']:.1f} tokens/s",
-                  file=sys.stderr)
+            save(row | measure(run, batch, s["new_tokens"], device, s))
         if cfg is not None:
             hf = m.unload()  # take the adapter layers out again: the next method starts from the plain model
-    return rows
 
 
 def ratios(rows):
@@ -301,18 +304,24 @@ def gemv_floor(model, device, warmup, repeats, replays=20):
         for _ in range(replays):
             graph.replay()
 
-    return replays / timed(replay, device, warmup, repeats)
+    return replays / timed(replay, device, warmup, repeats)[0]
 
 
 # ------------------------------------------------------------------------------------------------------- main
 
+def write(report, path):
+    """Write the report as JSON to path, whole or not at all: through a temporary file, then a rename, so that a
+    run stopped mid-write (a time limit) leaves the last complete version."""
+    with open(path + ".tmp", "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 def emit(report, path=None):
     """Print the report as JSON, and write it to `path` too when one is given."""
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if path:
-        with open(path, "w") as f:
-            f.write(text + "\n")
+        write(report, path)
     return report
 
 
@@ -321,19 +330,27 @@ def main(argv=None):
                                 "Face + PEFT on the same random weights; prints JSON (and writes it to --out).")
     p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: 7b on CUDA, tiny on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp32"],
+                   help="weights' dtype (default: bf16 on CUDA, fp32 on CPU; bf16 on a CPU checks the GPU's dtype)")
     p.add_argument("--quick", action="store_true", help="a few tokens and one repeat: checks that it runs")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face + PEFT even when installed")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast step before capturing it "
                    "(compiled once per batch shape and adapter mix: minutes on the 7B shape)")
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--max-timed-s", type=float, metavar="S",
+                   help="time fewer calls (at least one) of a row where the warm-up call says that the usual "
+                   "repeats would take over S seconds (default: no limit; each row's JSON says how many it timed)")
+    p.add_argument("--out", help="also write the JSON here; rewritten after every row, so a run stopped early "
+                   "leaves the rows it measured (\"complete\": false)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     shape = a.shape or ("7b" if device.type == "cuda" else "tiny")
     if shape == "7b" and device.type != "cuda":
         p.error("--shape 7b needs a CUDA GPU (a 7B model decodes at seconds per token on a CPU)")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if a.max_timed_s is not None and a.max_timed_s <= 0:
+        p.error(f"--max-timed-s {a.max_timed_s} must be positive")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     s = {"prompt_len": 274, "new_tokens": 32, "beams": [1, 3], "mixed": [8, 32],
-         "warmup": 1, "repeats": 3, "compile": a.compile}
+         "warmup": 1, "repeats": 3, "max_timed_s": a.max_timed_s, "compile": a.compile}
     notes = []
     if shape == "7b":
         s["mixed"] = [8]
@@ -347,6 +364,9 @@ def main(argv=None):
         s |= {"prompt_len": 24, "new_tokens": 4, "mixed": [4], "warmup": 1, "repeats": 1}
         notes.append("--quick: 24-token prompts, 4 new tokens, mixed batch of 4, one timed run: a smoke test, "
                      "not the paper's setting")
+    if a.max_timed_s:
+        notes.append(f"--max-timed-s {a.max_timed_s:g}: rows whose warm-up call took over {a.max_timed_s:g} / "
+                     f"{s['repeats']} s time fewer calls (timed_calls)")
     if shape == "tiny":
         notes.append("tiny random shape: Python overhead dominates, so ratios say little about a 7B GPU, and CPU "
                      "timings of a few milliseconds vary by tens of percent from run to run")
@@ -354,21 +374,14 @@ def main(argv=None):
                  "adapter; PEFT mixes adapters in a batch for LoRA only, so Hugging Face (IA)^3 has no mixed rows")
     notes.append("PARA has no Hugging Face counterpart: its ratios are against HF base / LoRA / (IA)^3")
 
-    model = random_model(SHAPES[shape], dtype, device)
-    rows = bench_ours(model, s, device)
-    hf_error = None
-    if not a.no_hf:
+    with_hf = not a.no_hf
+    if with_hf:
         try:
             import peft  # noqa: F401  optional: only for the side-by-side comparison
             import transformers  # noqa: F401
         except ImportError as e:
-            hf_error = f"Hugging Face comparison skipped: {e}"
-        else:
-            rows += bench_hf(model, s, device)
-    if hf_error:
-        notes.append(hf_error)
-    floor = gemv_floor(model, device, s["warmup"], s["repeats"]) if device.type == "cuda" else None
-
+            notes.append(f"Hugging Face comparison skipped: {e}")
+            with_hf = False
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "peft"):
         if name in sys.modules:
@@ -382,13 +395,36 @@ def main(argv=None):
         "methods": {"base": "no adapter", "para": "PARA r=12, K=4, capsule pooler, targets q,v,u",
                     "ia3": "(IA)^3 on k, v, u (= PEFT's k_proj, v_proj, down_proj input)",
                     "lora": "LoRA r=4, alpha=8 on all seven linears, unmerged"},
-        "settings": s, "definitions": DEFINITIONS, "notes": notes, "results": rows, "ratios": ratios(rows),
-        "floor_tokens_per_s": floor, "targets": targets(rows, floor, s["mixed"][0]),
-        "cpu_rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if device.type == "cpu"
-        else None,
-        "versions": versions,
+        "settings": s, "definitions": DEFINITIONS, "notes": notes, "complete": False, "results": [],
+        "floor_tokens_per_s": None, "versions": versions,
     }
-    return emit(report, a.out)
+
+    def save(row=None):
+        """Add a row (printed on stderr at once) and bring the report's ratios and targets up to date; with --out,
+        rewrite the file, so that a run stopped by a time limit keeps every row measured so far."""
+        rows = report["results"]
+        if row:
+            rows.append(row)
+            print(f"{row['impl']:9s} {row['path']:5s} {row['method']:5s} batch {row['batch']:2d} beam {row['beam']}: "
+                  f"{row['tokens_per_s']:.1f} tokens/s, ttft {row['ttft_s'] * 1e3:.1f} ms", file=sys.stderr)
+        report["ratios"] = ratios(rows)
+        report["targets"] = targets(rows, report["floor_tokens_per_s"], s["mixed"][0])
+        report["cpu_rss_peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                                      if device.type == "cpu" else None)
+        if a.out:
+            write(report, a.out)
+
+    model = random_model(SHAPES[shape], dtype, device)
+    bench_ours(model, s, device, save)
+    if device.type == "cuda":  # before Hugging Face's rows, whose slowest come last: a run cut short keeps it
+        report["floor_tokens_per_s"] = gemv_floor(model, device, s["warmup"], s["repeats"])
+        print(f"floor: {report['floor_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        save()
+    if with_hf:
+        bench_hf(model, s, device, save)
+    report["complete"] = True
+    save()
+    return emit(report)  # written by save() already
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,20 @@ def test_the_bench_runs_on_cpu_both_paths_and_prints_json_with_the_documented_ke
         assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["total_s"] > 0
         assert set(r) >= {"impl", "path", "method", "batch", "beam", "tokens_per_s", "ttft_s", "peak_mem_mib"}
     assert report["floor_tokens_per_s"] is None and report["cpu_rss_peak_mib"] > 0  # CUDA only; CPU: the RSS
+    assert report["complete"] is True and report["dtype"] == "float32"  # CPU's default
+    assert all(r["timed_calls"] == {"ttft": 1, "total": 1} for r in report["results"])  # --quick: one timed run
+
+
+def test_max_timed_s_times_fewer_calls_only_where_the_warm_up_call_says_the_repeats_would_take_too_long():
+    from para_mini.bench import timed
+    calls, cpu = [], torch.device("cpu")
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.05)
+
+    assert timed(slow, cpu, 1, 3)[1] == 3 and len(calls) == 4  # one warm-up call, three timed
+    assert timed(slow, cpu, 1, 3, max_s=60)[1] == 3  # 3 x 0.05 s is well under a minute: no cut
+    calls.clear()
+    median, n = timed(slow, cpu, 1, 3, max_s=0.08)  # 3 x 0.05 s would take over 0.08 s: one timed call
+    assert n == 1 and len(calls) == 2 and median >= 0.05

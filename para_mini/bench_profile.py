@@ -1,0 +1,134 @@
+# python -m para_mini.bench_profile: where the time of one decoding step and of one prefill goes, kernel by kernel,
+# for the base model and PARA on bench.py's random model, so that a target of the GPU issue that bench.py reports as
+# missed comes with its explanation: which kernels, how many, how long, and how much of the wall time no kernel
+# covers (launch overhead and Python, what a CUDA graph removes).
+#
+# Cases, each run alone after a warm-up: the prefill of one 274-token prompt (target 5: PARA's time to first token
+# over base's), one eager decoding step at batch 1 (targets 1 and 3), and one step of the fast path (fast.py):
+# replayed from its CUDA graph ("fast_graph") and, since a graph replay may show as one launch, its one_token()
+# run un-captured ("fast_kernels"), which lists the kernels the graph holds. On a GPU the profiler records CUDA
+# activity and a "kernel" is a device event (kernels, copies, memsets); on a CPU it records operators, a "kernel"
+# is an operator that calls no other, and times are CPU times.
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from .bench import METHODS, SHAPES, attach, emit, prompts, random_model, seconds, sync
+from .fast import FastDecoder
+from .generation import Request, prefill
+
+
+def kernels(fn, device, top):
+    """Profile one call of fn -> (kernel time in ms, number of kernels, the `top` kernels by time with counts)."""
+    on_gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as prof:
+        fn()
+        sync(device)
+    if on_gpu:  # device events: their own duration
+        events = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:  # operators that call no other operator: where a CPU does the work ("[memory]": allocations, if listed)
+        events = [(e.name, e.self_cpu_time_total) for e in prof.events()
+                  if e.device_type == DeviceType.CPU and not e.cpu_children and e.name != "[memory]"]
+    by_name = defaultdict(lambda: [0, 0.0])
+    for name, us in events:
+        by_name[name][0] += 1
+        by_name[name][1] += us
+    total = sum(us for _, us in events)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return total / 1e3, len(events), [{"name": name[:160], "count": n, "ms": us / 1e3, "share": us / total}
+                                      for name, (n, us) in ranked]
+
+
+def cases(model, prompt, method, adapter, new_tokens):
+    """The name -> function of each case for one method; every call of a function does the same work (the same
+    cache position), so warm-up, timed and profiled calls are alike."""
+    device = model.output.weight.device
+    request = Request(prompt, adapter, new_tokens)
+    cache, logits = prefill(model, [request])
+    start, token = cache.pos, logits.argmax(-1)[:, None]
+    decoder = FastDecoder(model, cache, compile=False)  # its own buffers: the eager cache stays as it is
+    decoder.load(cache)
+    rows = torch.zeros(1, dtype=torch.long, device=device)
+
+    def eager():
+        cache.pos = start  # decode the same position again: keys and values are rewritten, shapes stay the same
+        model(token, cache=cache)
+
+    def fast_graph():
+        decoder.pos.fill_(start)
+        decoder.step(rows, token[:, 0])  # on a GPU: captured at the first call (a warm-up), replayed after
+
+    return {f"prefill_{method}": lambda: prefill(model, [request]), f"eager_{method}": eager,
+            f"fast_graph_{method}": fast_graph, f"fast_kernels_{method}": decoder.one_token}, decoder
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Profile one prefill and one decoding step (eager; fast, replayed and "
+                                "un-captured) of the base model and PARA; prints JSON (and writes it to --out).")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: 7b on CUDA, tiny on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--prompt-len", type=int, default=274, help="prompt tokens (274, the paper's Table 4)")
+    p.add_argument("--rounds", type=int, default=10, help="timed calls of each case, in rounds over all (10)")
+    p.add_argument("--top", type=int, default=15, help="kernels listed per case, by time (15)")
+    p.add_argument("--out", help="also write the JSON here")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    shape = a.shape or ("7b" if device.type == "cuda" else "tiny")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    model = random_model(SHAPES[shape], dtype, device)
+    [adapter] = attach(model, METHODS["para"], 1)
+    [prompt] = prompts(model.args.vocab_size, a.prompt_len, 1)
+    fns, graphs = {}, {}
+    for method, name in (("base", None), ("para", adapter)):
+        made, decoder = cases(model, prompt, method, name, 32)
+        fns |= made
+        graphs[method] = decoder
+    for fn in fns.values():  # warm-up: the first calls (allocator, kernels' first use, the CUDA graphs' capture)
+        for _ in range(3):
+            fn()
+    # timed in rounds over every case, so that a change of the machine's load in the meantime touches them alike
+    times = {case: [] for case in fns}
+    for _ in range(a.rounds):
+        for case, fn in fns.items():
+            times[case].append(seconds(fn, device))
+    out = {}
+    for case, fn in fns.items():
+        ms = statistics.median(times[case]) * 1e3
+        kernel_ms, n, top = kernels(fn, device, a.top)
+        graph = case.startswith("fast_graph") and graphs[case.split("_")[-1]].graph is not None
+        out[case] = {"wall_ms": ms, "kernel_ms": kernel_ms, "not_kernel_ms": ms - kernel_ms, "kernels": n,
+                     "cuda_graph": graph, "top": top}
+        print(f"{case:18s} wall {ms:8.2f} ms, kernels {kernel_ms:8.2f} ms in {n} launches", file=sys.stderr)
+    ratios = {kind: {key: out[f"{kind}_para"][key] / out[f"{kind}_base"][key] for key in ("wall_ms", "kernel_ms",
+                                                                                          "kernels")}
+              for kind in ("prefill", "eager", "fast_graph", "fast_kernels")}
+    return emit({
+        "shape": shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "prompt_len": a.prompt_len,
+        "para": str(METHODS["para"]), "batch": 1,
+        "definitions": {
+            "wall_ms": "median wall time of one call without the profiler (GPU synchronised before and after), over "
+                       "rounds that time every case once each",
+            "kernel_ms": "CUDA: the summed durations of the profiled call's device events (kernels, copies, memsets);"
+                         " CPU: the summed self time of the operators that call no other",
+            "not_kernel_ms": "wall_ms - kernel_ms: time no kernel covers (launches, Python, synchronisation)",
+            "kernels": "how many such events (CUDA) or operators (CPU) the profiled call ran",
+            "top": "the kernels with the most time, grouped by name: count, ms, share of kernel_ms",
+            "cases": "prefill: one 274-token prompt (the first token included); eager: one decoding step of "
+                     "model.py; fast_graph: one fast.py step, replayed from its CUDA graph on a GPU (a replay may "
+                     "show as few events); fast_kernels: the same step's one_token() run un-captured",
+            "ratios": "PARA over base for each case",
+        },
+        "cases": out, "ratios": ratios,
+        "versions": {"torch": torch.__version__},
+    }, a.out)
+
+
+if __name__ == "__main__":
+    main()

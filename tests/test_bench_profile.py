@@ -1,0 +1,30 @@
+# The profile that explains bench.py's GPU targets (para_mini/bench_profile.py), run here on the tiny random model on
+# a CPU, where a "kernel" is an operator that calls no other: its report has every case, positive times and counts,
+# and the counts show what PARA adds (the vector generator at the prefill, one multiply per adjusted projection
+# at each decoded token).
+import json
+
+from para_mini.bench import SHAPES
+from para_mini.bench_profile import main
+
+CASES = ("prefill", "eager", "fast_graph", "fast_kernels")
+
+
+def test_the_profile_reports_each_case_with_its_kernels_and_para_adds_only_its_own(tmp_path, capsys):
+    report = main(["--shape", "tiny", "--device", "cpu", "--prompt-len", "40", "--rounds", "2", "--top", "5",
+                   "--out", str(tmp_path / "profile.json")])
+    assert report == json.loads((tmp_path / "profile.json").read_text()) == json.loads(capsys.readouterr().out)
+    assert set(report["cases"]) == {f"{case}_{method}" for case in CASES for method in ("base", "para")}
+    for case in report["cases"].values():
+        assert case["wall_ms"] > 0 and case["kernel_ms"] > 0 and case["kernels"] > 0
+        assert case["cuda_graph"] is False  # a CPU replays no graph
+        top = case["top"]
+        assert 0 < len(top) <= 5 and all(k["count"] >= 1 and k["ms"] >= 0 for k in top)
+        assert [k["ms"] for k in top] == sorted((k["ms"] for k in top), reverse=True)
+        assert sum(k["count"] for k in top) <= case["kernels"] and sum(k["share"] for k in top) <= 1 + 1e-9
+    c, layers = report["cases"], SHAPES["tiny"].n_layers
+    # the prefill runs PARA's vector generator and pooler at every layer: many more operators
+    assert c["prefill_para"]["kernels"] > c["prefill_base"]["kernels"] + 10 * layers
+    for case in CASES[1:]:  # a decoding step: l_q * Q, l_v * V, l_u * U, one multiply each per layer, no VG again
+        assert c[f"{case}_para"]["kernels"] - c[f"{case}_base"]["kernels"] == 3 * layers, case
+        assert report["ratios"][case]["kernels"] == c[f"{case}_para"]["kernels"] / c[f"{case}_base"]["kernels"]

@@ -86,8 +86,11 @@ class FastDecoder:
         m, a = self.model, self.model.args
         positions = (self.pos - self.pad).clamp(min=0)[:, None]  # each row's position after its left padding [B, 1]
         cos, sin = rope(positions, a.head_dim, a.rope_theta)
-        mask = (self.keys <= self.pos) & (self.keys >= self.pad[:, None])  # the positions each row sees [B, max_len]
+        sees = (self.keys <= self.pos) & (self.keys >= self.pad[:, None])  # the positions each row sees [B, max_len]
         h = m.tok_embeddings(self.tokens)  # [B, 1, dim]
+        # as an additive mask in the activations' dtype, made once: given the bool mask, attention would convert it
+        # at every layer (a few more kernels each)
+        mask = torch.zeros(sees.shape, dtype=h.dtype, device=h.device).masked_fill(~sees, float("-inf"))
         for layer, kv in zip(m.layers, self.layers):
             h = layer(h, cos, sin, mask[:, None, None], None, kv)  # model.py's block, prompt None: decoding
         return m.output(m.norm(h))

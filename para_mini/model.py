@@ -61,9 +61,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # x / sqrt(mean(x^2) + eps) in fp32, rounded to x's dtype before the weight, exactly as Hugging Face does
-        # (so bf16 models agree with it). On a GPU recent PyTorch runs F.rms_norm as one fused kernel where the
-        # formula written out takes five; the norm runs twice per layer at every decoded token.
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        # (so bf16 models agree with it). F.rms_norm computes in fp32 inside for a bf16 or fp16 x, and on a GPU
+        # recent PyTorch runs it as one fused kernel where the formula written out takes seven (the norm runs twice
+        # per layer at every decoded token); Hugging Face's fp32 holds for float64 too, hence that one cast.
+        h = x.float() if x.dtype == torch.float64 else x
+        return self.weight * F.rms_norm(h, x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float, device=None):

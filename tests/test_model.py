@@ -122,3 +122,19 @@ def test_left_padded_prompts_get_the_logits_they_get_alone_in_prefill_and_decodi
         assert (uncached[i, pad[i]:] - alone[:len(p)]).abs().max() <= TOL
         assert (prefill[i, pad[i]:] - alone[:len(p)]).abs().max() <= TOL
         assert (decoded[i] - alone[len(p):]).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@torch.no_grad()
+def test_rmsnorm_equals_hugging_face_s_bit_for_bit_in_every_dtype(dtype):
+    # Hugging Face normalises in fp32 whatever the dtype, then rounds before the weight: F.rms_norm must do the same
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
+    from para_mini.model import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 7, 96, generator=g) * 4).to(dtype)
+    weight = (1 + torch.randn(96, generator=g)).to(dtype)
+    ours, theirs = RMSNorm(96, 1e-5).to(dtype), modeling.LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    ours.weight.copy_(weight)
+    theirs.weight.copy_(weight)
+    got, want = ours(x), theirs(x)
+    assert got.dtype == want.dtype == dtype and torch.equal(got, want)

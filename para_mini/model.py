@@ -215,6 +215,7 @@ class VectorGenerator(nn.Module):
         else:
             z = pool_last(h_prime, mask) if self.pooler == "last" else pool_mean(h_prime, mask)
         l = F.gelu(z)[:, None] @ W_up.mT + b_up[..., None, :]  # Eq. (6): l = g(z) W_up + b_up        [B, 1, d_out]
+        l = l.to(h.dtype)  # the activations' dtype (the VG's weights may be fp32 master weights): one cast for all
         return dict(zip(self.targets, l.split(self.sizes, dim=-1)))  # Eq. (3), (6): l_q, l_v, l_u = Split(l)
 
 
@@ -258,9 +259,10 @@ class CapsulePooler(nn.Module):
 
 
 def squash(s):
-    # Eq. (8): c = |s|^2 / (1 + |s|^2) * s / |s|, written so that s = 0 gives 0 rather than 0 / 0
-    norm2 = s.pow(2).sum(-1, keepdim=True)
-    return s * norm2.clamp_min(1e-12).sqrt() / (1 + norm2)  # the clamp keeps the gradient of sqrt finite at 0
+    # Eq. (8): c = |s|^2 / (1 + |s|^2) * s / |s| = s |s| / (1 + |s|^2), which is 0 rather than 0 / 0 at s = 0
+    # (where vector_norm's gradient is 0, not the inf of sqrt's)
+    norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
+    return s * (norm / (1 + norm * norm))
 
 
 # ------------------------------------------------------------------------------------------------ block, model

@@ -128,8 +128,9 @@ def bench_ours(model, s, device, save):
     """Every para-mini row, each handed to save() as soon as it is measured."""
     for fast in (False, True):  # warm-up
         generate(model, [Request(p, None, 4) for p in prompts(model.args.vocab_size, s["prompt_len"], 2)], fast=fast)
-    for method, cfg in METHODS.items():
-        names = attach(model, cfg, max(s["mixed"])) if cfg else []
+    for method in s["methods"]:
+        cfg = METHODS[method]
+        names = attach(model, cfg, max(s["mixed"], default=1)) if cfg else []
         for batch, beam in [(1, b) for b in s["beams"]] + [(n, 1) for n in s["mixed"]]:
             ps = prompts(model.args.vocab_size, s["prompt_len"], batch)
             adapters = names[:batch] if cfg else [None] * batch
@@ -195,9 +196,9 @@ def bench_hf(model, s, device, save):
         "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
         "lora": peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[x.split(".")[1] for x in sites]),
     }
-    for method, cfg in peft_configs.items():
+    for method, cfg in ((m, c) for m, c in peft_configs.items() if m in s["methods"]):
         # PEFT mixes adapters in one batch (adapter_names=) for LoRA only
-        tenants = max(s["mixed"]) if method == "lora" else 1
+        tenants = max(s["mixed"], default=1) if method == "lora" else 1
         m = hf
         if cfg is not None:
             m = peft.get_peft_model(hf, cfg, adapter_name=f"{method}0")
@@ -244,7 +245,8 @@ def ratios(rows):
 
 
 def targets(rows, floor, n):
-    """The GPU issue's targets 1-5, each a ratio of two figures of this run; n: the mixed batch (8 in the full run)."""
+    """The GPU issue's targets 1-5, each a ratio of two figures of this run; n: the mixed batch (8 in the full run;
+    None where the run has none)."""
     def get(key, impl, path, method, batch, beam=1):
         return next((r[key] for r in rows if (r["impl"], r["path"], r["method"], r["batch"], r["beam"]) ==
                      (impl, path, method, batch, beam)), None)
@@ -263,11 +265,11 @@ def targets(rows, floor, n):
     check(2, "fast batch-1 decode tokens/s, base model / floor_tokens_per_s (the CUDA-graph GEMV floor)",
           get(D, "para-mini", "fast", "base", 1), floor, at_least=0.8)
     for path in ("eager", "fast"):
-        for batch, beam in ((1, 1), (1, 3), (n, 1)):
+        for batch, beam in ((1, 1), (1, 3)) + (((n, 1),) if n else ()):
             check(3, f"{path} decode tokens/s at batch {batch}, beam {beam}: PARA / base",
                   get(D, "para-mini", path, "para", batch, beam), get(D, "para-mini", path, "base", batch, beam),
                   at_least=0.97)
-    for path in ("eager", "fast"):
+    for path in ("eager", "fast") if n else ():  # no mixed batches in this run (--mixed none): no target 4
         para = get(T, "para-mini", path, "para", n)
         check(4, f"{path}, {n} requests with {n} distinct adapters, tokens/s: PARA / LoRA (para-mini)",
               para, get(T, "para-mini", path, "lora", n), at_least=1.3)
@@ -336,6 +338,11 @@ def main(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face + PEFT even when installed")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast step before capturing it "
                    "(compiled once per batch shape and adapter mix: minutes on the 7B shape)")
+    p.add_argument("--methods", default=",".join(METHODS), help="which of them, comma-separated (default: all: "
+                   f"{','.join(METHODS)})")
+    p.add_argument("--beams", help="beam widths of the batch-1 rows, comma-separated (default: 1,3)")
+    p.add_argument("--mixed", help="sizes of the mixed-tenant batches, comma-separated, or none (default: 8,32; "
+                   "8 on the 7B shape)")
     p.add_argument("--max-timed-s", type=float, metavar="S",
                    help="time fewer calls (at least one) of a row where the warm-up call says that the usual "
                    "repeats would take over S seconds (default: no limit; each row's JSON says how many it timed)")
@@ -364,6 +371,18 @@ def main(argv=None):
         s |= {"prompt_len": 24, "new_tokens": 4, "mixed": [4], "warmup": 1, "repeats": 1}
         notes.append("--quick: 24-token prompts, 4 new tokens, mixed batch of 4, one timed run: a smoke test, "
                      "not the paper's setting")
+    s["methods"] = [m for m in a.methods.split(",") if m]
+    if not s["methods"] or set(s["methods"]) - set(METHODS):
+        p.error(f"--methods {a.methods}: choose among {','.join(METHODS)}")
+    try:  # after --quick, so that these choose even then
+        if a.beams:
+            s["beams"] = [int(b) for b in a.beams.split(",")]
+        if a.mixed:
+            s["mixed"] = [] if a.mixed == "none" else [int(n) for n in a.mixed.split(",")]
+    except ValueError:
+        p.error(f"--beams {a.beams} / --mixed {a.mixed}: comma-separated whole numbers (--mixed none: no mixed rows)")
+    if min(s["beams"] + s["mixed"], default=1) < 1:
+        p.error("--beams and --mixed take numbers of at least 1")
     if a.max_timed_s:
         notes.append(f"--max-timed-s {a.max_timed_s:g}: rows whose warm-up call took over {a.max_timed_s:g} / "
                      f"{s['repeats']} s time fewer calls (timed_calls)")
@@ -408,7 +427,7 @@ def main(argv=None):
             print(f"{row['impl']:9s} {row['path']:5s} {row['method']:5s} batch {row['batch']:2d} beam {row['beam']}: "
                   f"{row['tokens_per_s']:.1f} tokens/s, ttft {row['ttft_s'] * 1e3:.1f} ms", file=sys.stderr)
         report["ratios"] = ratios(rows)
-        report["targets"] = targets(rows, report["floor_tokens_per_s"], s["mixed"][0])
+        report["targets"] = targets(rows, report["floor_tokens_per_s"], s["mixed"][0] if s["mixed"] else None)
         report["cpu_rss_peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                                       if device.type == "cpu" else None)
         if a.out:

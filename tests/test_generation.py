@@ -348,6 +348,21 @@ def test_the_bench_runs_on_cpu_both_paths_and_prints_json_with_the_documented_ke
     assert all(r["timed_calls"] == {"ttft": 1, "total": 1} for r in report["results"])  # --quick: one timed run
 
 
+def test_the_bench_runs_only_the_methods_and_settings_asked_for(tmp_path):
+    # a GPU session with little time left measures only the rows it needs, e.g. the compiled fast path at batch 1
+    proc = subprocess.run([sys.executable, "-m", "para_mini.bench", "--shape", "tiny", "--device", "cpu", "--quick",
+                           "--no-hf", "--methods", "base,para", "--beams", "1", "--mixed", "none"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    rows = sorted((r["path"], r["method"], r["batch"], r["beam"]) for r in report["results"])
+    assert rows == sorted((p, m, 1, 1) for p in ("eager", "fast") for m in ("base", "para"))
+    assert sorted({t["target"] for t in report["targets"]}) == [1, 2, 3, 5]  # no mixed batch: no target 4
+    bad = subprocess.run([sys.executable, "-m", "para_mini.bench", "--quick", "--methods", "base,prefix"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "--methods base,prefix: choose among base,para,ia3,lora" in bad.stderr
+
+
 def test_max_timed_s_times_fewer_calls_only_where_the_warm_up_call_says_the_repeats_would_take_too_long():
     from para_mini.bench import timed
     calls, cpu = [], torch.device("cpu")

@@ -83,11 +83,11 @@ def rope(positions, head_dim: int, theta: float):
 def apply_rope(x, cos, sin):
     # x: [B, H, T, hd]; rotate-half pairs channel i with i + hd/2 (the Hugging Face layout) and turns each pair by
     # its angle: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + (x2, x1) * sin, with sin signed as rope()
-    # gives it; in fp32 at least. Three kernels (roll, mul, addcmul) where x * cos + cat(-x2, x1) * sin takes five,
-    # for Q and K at every layer and every decoded token.
+    # gives it; in fp32 at least. Four kernels (roll, mul, mul, add) where x * cos + cat(-x2, x1) * sin takes five,
+    # for Q and K at every layer and every decoded token. (addcmul would save one more, but rounds differently.)
     h = x.to(torch.promote_types(x.dtype, torch.float32))
     swapped = h.roll(h.shape[-1] // 2, dims=-1)  # (x2, x1)
-    return torch.addcmul(h * cos[:, None], swapped, sin[:, None]).to(x.dtype)  # cos, sin broadcast over heads
+    return (h * cos[:, None] + swapped * sin[:, None]).to(x.dtype)  # cos, sin broadcast over heads
 
 
 # --------------------------------------------------------------------------------------------------- attention
@@ -259,10 +259,9 @@ class CapsulePooler(nn.Module):
 
 
 def squash(s):
-    # Eq. (8): c = |s|^2 / (1 + |s|^2) * s / |s| = s |s| / (1 + |s|^2), which is 0 rather than 0 / 0 at s = 0
-    # (where vector_norm's gradient is 0, not the inf of sqrt's)
-    norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
-    return s * (norm / (1 + norm * norm))
+    # Eq. (8): c = |s|^2 / (1 + |s|^2) * s / |s|, written so that s = 0 gives 0 rather than 0 / 0
+    norm2 = s.pow(2).sum(-1, keepdim=True)
+    return s * norm2.clamp_min(1e-12).sqrt() / (1 + norm2)  # the clamp keeps the gradient of sqrt finite at 0
 
 
 # ------------------------------------------------------------------------------------------------ block, model

@@ -3,14 +3,15 @@
 # in all (the machine's start, 1-2 minutes, included; one command at most 600 s; at most 8 files come back from
 # $OUT). From the repo root:
 #
-#     bash bench/gpu.sh                  # on the GPU machine, with $OUT set (default ./gpu-out)
+#     COMMIT=<hash> bash bench/gpu.sh    # on the GPU machine, with $OUT set (default ./gpu-out); the device tool's
+#                                        # run with timeout_s=600 (.git may not travel: COMMIT names what ran)
 #     GPU_SH_CPU=1 bash bench/gpu.sh     # rehearsal on a CPU: the same steps on the tiny shape, in bf16
 #
 # The steps run in priority order, each under its own `timeout` so that one that hangs or runs long cannot eat the
 # time of the others, and a failed step does not stop the rest. Everything is logged to $OUT/log.txt; the end
 # prints each step's exit code and seconds, and the key figures. Files under $OUT (6, at most 8):
 #     log.txt, gpu_7b.json, train_8x512.json, train_4x2048.json, profile_7b.json, gpu_7b_compile.json
-#     (+ a .json.tmp of either bench only if it was stopped in the middle of rewriting its JSON)
+#     (+ a .json.tmp of a step stopped in the middle of rewriting its JSON; every module writes through bench.write)
 # bench.py rewrites gpu_7b.json after every row ("complete": false until the end), so a bench stopped at its cap
 # still leaves every row it measured.
 #
@@ -19,7 +20,7 @@
 # base batch 8 207 (whole batch); PEFT batch 8 mixing 4 LoRA adapters 22.8; training 6,098 tokens/s at 8 x 512,
 # 5,909 at 4 x 2048). A process start (imports, CUDA, a random 7B model) is taken as ~10 s.
 #   (a) env           cap  20 s   est.   5-10 s
-#   (b) test_fast     cap  60 s   est.  15-25 s  (10 tests, 5 on CUDA, tiny model, a CUDA graph each)
+#   (b) test_fast     cap  60 s   est.  15-25 s  (12 tests, 6 on CUDA, tiny model, a CUDA graph each)
 #   (c) bench         cap 270 s   est. ~220 s:
 #       bench.py times each row as 1 warm-up + 3 timed calls of 1 token (ttft) and as many of 32 tokens: 8 calls.
 #       HF rows, 32 / tokens-per-s per 32-token call, x 4, plus 4 prefills:
@@ -38,8 +39,9 @@
 #   (f) profile       cap  60 s   est. ~35 s: 8 cases x (3 warm-up + 10 timed + 1 profiled call) of <= 60 ms,
 #                                             ~2 s a profiler session (CUPTI's start: more the first time)
 #   total of the caps: 530 s (+5 s grace for each step killed at its cap); the run command's limit is 600 s.
-#   (g) compile       cap: what is left of 570 s (~200 s by the estimates above; skipped under 60 s): the time to
-#                     compile the 7B step (twice) is not known; the rows come as they are measured.
+#   (g) compile       cap: what is left of $DEADLINE = 560 s (~190 s by the estimates above; skipped under 60 s):
+#                     the 5-s kill grace and the summary (<= 20 s) still end the script inside the 600-s limit.
+#                     The time to compile the 7B step (twice) is not known; the rows come as they are measured.
 set -u  # no -e: a failed step is logged and the next one runs
 
 cd "$(dirname "$0")/.."
@@ -84,7 +86,8 @@ for name in ("transformers", "peft"):
         print(name, "missing:", e)
 '
 # each module prints its JSON and writes it to --out too: stdout is dropped to keep the log short
-step env 20 bash -c 'nvidia-smi -L; git rev-parse HEAD 2>/dev/null; exec "$0" -c "$1"' "$PY" "$VERSIONS"
+echo "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo 'unknown (pass COMMIT=...)')}"
+step env 20 bash -c 'nvidia-smi -L; exec "$0" -c "$1"' "$PY" "$VERSIONS"
 step test_fast 60 "$PY" -m pytest -q tests/test_fast.py
 step bench 270 bash -c 'exec "$0" -m para_mini.bench "$@" --max-timed-s 30 --out "$OUT/gpu_7b.json" >/dev/null' \
     "$PY" "${BENCH[@]}"
@@ -94,16 +97,17 @@ step train_4x2048 60 bash -c 'exec "$0" -m para_mini.bench_train "$@" --grad-che
     --out "$OUT/train_4x2048.json" >/dev/null' "$PY" "${TRAIN[@]}"
 step profile 60 bash -c 'exec "$0" -m para_mini.bench_profile "$@" --out "$OUT/profile_7b.json" >/dev/null' \
     "$PY" "${PROFILE[@]}"
-# (g) whatever time is left, up to 570 s from the start: the fast path torch.compile'd before its CUDA graph (its
-# small kernels fused), for base and PARA at batch 1, beam 1 only (one compilation each), with eager beside them
+# (g) whatever time is left, up to DEADLINE (560 s) from the start: the fast path torch.compile'd before its CUDA
+# graph (its small kernels fused), for base and PARA at batch 1, beam 1 only (one compilation each), eager beside them
 # and the GEMV floor: targets 2, 3 and 5 of a compiled step. The rows are written as they come, so a step stopped at
 # its cap keeps the ones it measured.
-LEFT=$((570 - SECONDS))
+DEADLINE=${GPU_SH_DEADLINE:-560}  # lower it when the session has less than ~10 minutes of device time left
+LEFT=$((DEADLINE - SECONDS))
 if [ $LEFT -ge 60 ]; then
     step compile $LEFT bash -c 'exec "$0" -m para_mini.bench "$@" --compile --no-hf --methods base,para --beams 1 \
         --mixed none --out "$OUT/gpu_7b_compile.json" >/dev/null' "$PY" "${BENCH[@]}"
 else
-    SUMMARY+=("compile        skipped: $LEFT s left of 570")
+    SUMMARY+=("compile        skipped: $LEFT s left of $DEADLINE")
 fi
 
 echo "=== summary (seconds since the start: $SECONDS)"

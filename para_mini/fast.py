@@ -78,7 +78,10 @@ class FastDecoder:
         for s, c in zip(self.layers, cache.layers):
             s.k.copy_(c.k)
             s.v.copy_(c.v)
-        self.pad.copy_(cache.pad) if cache.pad is not None else self.pad.zero_()  # None: no row padded
+        if cache.pad is None:  # no row is padded
+            self.pad.zero_()
+        else:
+            self.pad.copy_(cache.pad)
         self.pos.fill_(cache.pos)
 
     def one_token(self):

@@ -124,6 +124,29 @@ def test_left_padded_prompts_get_the_logits_they_get_alone_in_prefill_and_decodi
         assert (decoded[i] - alone[len(p):]).abs().max() <= TOL
 
 
+@torch.no_grad()
+def test_decoding_gives_attention_a_mask_only_when_a_row_is_left_padded(monkeypatch):
+    # without padding every cached position is visible to the new token: no mask, fewer kernels per step (the
+    # logits are the same either way: the tests above)
+    from para_mini import model as model_py
+    from para_mini.generation import Request, generate
+    seen, sdpa = [], model_py.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((q.shape[2], attn_mask is None))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(model_py.F, "scaled_dot_product_attention", spy)
+    model = random_model(4)
+    g = torch.Generator().manual_seed(0)
+    for lens, masked in (([7, 7], False), ([7, 4], True)):
+        seen.clear()
+        generate(model, [Request(torch.randint(3, 100, (n,), generator=g).tolist(), None, 3) for n in lens])
+        decoding = [no_mask for T, no_mask in seen if T == 1]
+        assert len(decoding) == 2 * model.args.n_layers  # two decoding steps after the prefill
+        assert all(no_mask != masked for no_mask in decoding)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @torch.no_grad()
 def test_rmsnorm_equals_hugging_face_s_bit_for_bit_in_every_dtype(dtype):

@@ -33,6 +33,7 @@ METHODS = {  # the settings of the paper's Table 4
     "ia3": AdapterConfig("ia3", ("k", "v", "u")),  # u: the same as PEFT's scaling of down_proj's input
     "lora": AdapterConfig("lora", r=4, alpha=8),  # all seven linears, unmerged
 }
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFINITIONS = {
     "tokens_per_s": "new tokens generated per second per whole batch: batch size x new tokens / median wall time of "
                     "the whole generate call, prefill included; beam search counts the returned sequence's tokens, "
@@ -327,12 +328,18 @@ def emit(report, path=None):
     return report
 
 
+def shape_and_dtype(a, device):
+    """--shape and --dtype, or their defaults: the 7B shape in bf16 on a GPU, the tiny one in fp32 on a CPU."""
+    on_gpu = device.type == "cuda"
+    return a.shape or ("7b" if on_gpu else "tiny"), DTYPES[a.dtype or ("bf16" if on_gpu else "fp32")]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Decoding speed of para-mini (base, PARA, (IA)^3, LoRA) beside Hugging "
                                 "Face + PEFT on the same random weights; prints JSON (and writes it to --out).")
     p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: 7b on CUDA, tiny on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp32"],
+    p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="weights' dtype (default: bf16 on CUDA, fp32 on CPU; bf16 on a CPU checks the GPU's dtype)")
     p.add_argument("--quick", action="store_true", help="a few tokens and one repeat: checks that it runs")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face + PEFT even when installed")
@@ -350,12 +357,11 @@ def main(argv=None):
                    "leaves the rows it measured (\"complete\": false)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    shape = a.shape or ("7b" if device.type == "cuda" else "tiny")
+    shape, dtype = shape_and_dtype(a, device)
     if shape == "7b" and device.type != "cuda":
         p.error("--shape 7b needs a CUDA GPU (a 7B model decodes at seconds per token on a CPU)")
     if a.max_timed_s is not None and a.max_timed_s <= 0:
         p.error(f"--max-timed-s {a.max_timed_s} must be positive")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     s = {"prompt_len": 274, "new_tokens": 32, "beams": [1, 3], "mixed": [8, 32],
          "warmup": 1, "repeats": 3, "max_timed_s": a.max_timed_s, "compile": a.compile}
     notes = []

@@ -18,7 +18,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from .bench import METHODS, SHAPES, attach, emit, prompts, random_model, seconds, sync
+from .bench import DTYPES, METHODS, SHAPES, attach, emit, prompts, random_model, seconds, shape_and_dtype, sync
 from .fast import FastDecoder
 from .generation import Request, prefill
 
@@ -72,15 +72,14 @@ def main(argv=None):
                                 "un-captured) of the base model and PARA; prints JSON (and writes it to --out).")
     p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: 7b on CUDA, tiny on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--prompt-len", type=int, default=274, help="prompt tokens (274, the paper's Table 4)")
     p.add_argument("--rounds", type=int, default=10, help="timed calls of each case, in rounds over all (10)")
     p.add_argument("--top", type=int, default=15, help="kernels listed per case, by time (15)")
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    shape = a.shape or ("7b" if device.type == "cuda" else "tiny")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    shape, dtype = shape_and_dtype(a, device)
     model = random_model(SHAPES[shape], dtype, device)
     [adapter] = attach(model, METHODS["para"], 1)
     [prompt] = prompts(model.args.vocab_size, a.prompt_len, 1)

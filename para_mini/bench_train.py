@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .adapters import add_adapter, remove_adapter
-from .bench import SHAPES, emit, hf_twin, random_model
+from .bench import DTYPES, SHAPES, emit, hf_twin, random_model
 from .loading import HF_NAMES
 from .model import AdapterConfig
 
@@ -203,7 +203,7 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (512)")
     p.add_argument("--response", type=int, default=8, help="scored (response) tokens per sequence (8)")
     p.add_argument("--grad-checkpointing", action="store_true", help="as train.py --grad-checkpointing")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                    help="backbone dtype, with autocast to it (bf16, as train.py on a GPU)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (3)")
     p.add_argument("--depths", help="comma-separated layer counts of 2 or more, e.g. 2,3,4: run each and fit peak "
@@ -221,7 +221,7 @@ def main(argv=None):
     s = {"batch": a.batch, "seq": a.seq, "response": a.response, "steps": a.steps, "dtype": a.dtype,
          "vocab": SHAPES[shape].vocab_size, "grad_checkpointing": a.grad_checkpointing,
          "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    dtype = DTYPES[a.dtype]
     with_hf = not a.no_hf
     if with_hf:
         try:

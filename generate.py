@@ -16,8 +16,8 @@ row with its own adapter. Every non-blank line gets one answer line: the request
 
 Answers are written as soon as their batch is done (in file order among requests with the same settings), with
 progress on stderr. Run the same command again after an interruption: the requests --output already answers (by
-"id", else by line) are skipped, and those that failed are tried again. --fast decodes with the static-shape step
-of para_mini/fast.py (replayed from a CUDA graph on a GPU): the same answers as the default eager path.
+"id", else by line) are skipped, and those that failed are tried again. --fast replays the decoding step from a
+CUDA graph on a GPU (para_mini/fast.py): the same step, the same answers.
 Exit status: 0 every request answered; 1 some failed (the others are answered); 2 nothing could be served (bad
 command, weights or file); 130 interrupted (Ctrl-C), with what was finished kept.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from para_mini import find_tokenizer, load_adapter, load_model, load_tokenizer
+from para_mini import Tenants, find_tokenizer, load_model, load_tokenizer
 from para_mini.generation import Request, beam_search, generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,8 +71,8 @@ def parse_args(argv=None):
     g.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam score = sum of log-probs / length ** this (default 1.0, as Hugging Face)")
     g.add_argument("--num-return", type=int, default=1, help="beam search: how many best hypotheses to return")
-    g.add_argument("--fast", action="store_true", help="decode with the static-shape step (para_mini/fast.py), "
-                   "replayed from a CUDA graph on a GPU: the same tokens as the default eager path")
+    g.add_argument("--fast", action="store_true", help="replay the decoding step from a CUDA graph on a GPU "
+                   "(para_mini/fast.py): the same step, the same tokens")
     args = p.parse_args(argv)
     if args.output and not args.requests:
         p.error("--output goes with --requests; a --prompt is answered on the terminal")
@@ -89,11 +89,11 @@ def load(args):
     if tok.vocab_size != model.args.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model {model.args.vocab_size}: "
                          "pass the --tokenizer the weights were trained with")
-    names = []
+    tenants = Tenants(model)  # the adapters, by name; each request's row runs with its own
     for spec in args.adapter:
         name, path = spec.split("=", 1) if "=" in spec else (None, spec)
-        names.append(load_adapter(model, path, name))
-    return model, tok, names
+        tenants.load(path, name)
+    return model, tok, tenants
 
 
 def encode(tok, prompt, chat, system):
@@ -135,19 +135,19 @@ def read_requests(path, defaults):
     return out
 
 
-def decode(model, tok, requests, s, batch_size, stream=None, fast=False):
+def decode(model, tok, requests, s, batch_size, tenants, stream=None, fast=False):
     if s["beam"] < 1:
         raise ValueError(f"beam {s['beam']} must be at least 1 (1: greedy or sampling)")
     if s["beam"] > 1 or s["num_return"] > 1:
         if s["temperature"] > 0:
             raise ValueError("beam search does not sample: a temperature goes with beam 1")
         return beam_search(model, requests, s["beam"], s["length_penalty"], s["num_return"], tok.eos_id,
-                           batch_size, fast=fast)
+                           batch_size, tenants=tenants, fast=fast)
     return generate(model, requests, tok.eos_id, s["temperature"], s["top_k"], s["top_p"], batch_size=batch_size,
-                    stream=stream, fast=fast)
+                    stream=stream, tenants=tenants, fast=fast)
 
 
-def serve(model, tok, entries, args, write):
+def serve(model, tok, tenants, entries, args, write):
     """Answer every entry, batching those with the same settings; each batch's answers go to write(answers) as soon
     as it is done."""
     groups = {}
@@ -162,7 +162,8 @@ def serve(model, tok, entries, args, write):
             requests = [Request(encode(tok, obj["prompt"], r["chat"], r["system"]), obj.get("adapter"),
                                 r["max_new_tokens"], r["seed"]) for _, _, obj, r in batch]
             try:
-                results = decode(model, tok, requests, dict(zip(SETTINGS, key)), args.batch_size, fast=args.fast)
+                results = decode(model, tok, requests, dict(zip(SETTINGS, key)), args.batch_size, tenants,
+                                 fast=args.fast)
             except ValueError as e:  # settings that no request of this group can run with (e.g. num_return > beam)
                 write([{**obj, "line": n, "error": f"{where}: {e}"} for n, where, obj, _ in batch])
                 continue
@@ -235,8 +236,8 @@ class Progress:
             print(("\r" + line + " " * 4) if self.tty else line, end=end, file=sys.stderr, flush=True)
 
 
-def answer_prompt(model, tok, names, args):
-    request = Request(encode(tok, args.prompt, args.chat, args.system), names[0] if names else None,
+def answer_prompt(model, tok, tenants, args):
+    request = Request(encode(tok, args.prompt, args.chat, args.system), next(iter(tenants), None),
                       args.max_new_tokens, args.seed)
     generated, shown = [], ""
 
@@ -248,7 +249,7 @@ def answer_prompt(model, tok, names, args):
             print(text[len(shown):], end="", flush=True)
             shown = text
 
-    [res] = decode(model, tok, [request], {k: getattr(args, k) for k in SETTINGS}, 1, stream, args.fast)
+    [res] = decode(model, tok, [request], {k: getattr(args, k) for k in SETTINGS}, 1, tenants, stream, args.fast)
     if res.error:
         raise ValueError(res.error)
     if res.beams:  # beam search: the answers are known only at the end
@@ -261,9 +262,9 @@ def answer_prompt(model, tok, names, args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model, tok, names = load(args)
+        model, tok, tenants = load(args)
         if args.prompt is not None:
-            return answer_prompt(model, tok, names, args)
+            return answer_prompt(model, tok, tenants, args)
         defaults = {k: getattr(args, k) for k in OVERRIDES}
         entries, before = read_requests(args.requests, defaults), 0
         if args.output:
@@ -290,7 +291,7 @@ def main(argv=None):
         progress.add(answers)
 
     try:
-        serve(model, tok, entries, args, write)
+        serve(model, tok, tenants, entries, args, write)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {progress.done} of {len(entries)} answers written to {where}"
               + (" (run the same command again to answer the rest)" if args.output else ""), file=sys.stderr)

@@ -33,7 +33,6 @@ import torch
 
 import train
 from para_mini import AdapterConfig, count_parameters, load_adapter, load_model, load_tokenizer
-from para_mini.adapters import adapter_config
 from para_mini.data import LABELS, SYSTEM_PROMPT, load_task, one_per_query
 from para_mini.metrics import score
 from para_mini.model import VectorGenerator, apply_rope
@@ -399,8 +398,7 @@ def capture_vectors(model, prompts: list, batch_size: int = 16) -> dict:
                 store.setdefault((i, site), []).append(l[:, 0].float())
         return keep
 
-    generators = [(i, vg) for i, layer in enumerate(model.layers) for bank in layer.adapters.values() for vg in bank
-                  if isinstance(vg, VectorGenerator)]  # one per tenant
+    generators = [(i, layer.vg) for i, layer in enumerate(model.layers) if isinstance(layer.vg, VectorGenerator)]
     if not generators:
         raise ValueError("the model has no PARA adapter attached: there are no generated vectors to look at")
     handles = [m.register_forward_hook(hook(i)) for i, vg in generators
@@ -434,7 +432,7 @@ def vector_stats(opts, path: Path, system: str) -> dict:
     """The spread of every layer's vectors across the first --n test prompts, for one PARA adapter file."""
     model = load_model(opts.shared / "assets" / "stories260K" / "hf")
     tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
-    cfg = adapter_config(model, load_adapter(model, path))
+    cfg = load_adapter(model, path).adapter
     prompts, _ = test_prompts(opts, tok, opts.n, system)
     vectors = capture_vectors(model, prompts)
     stats = {f"{i}.{site}": vector_spread(l) for (i, site), l in vectors.items() if site != "z"}  # layer by layer
@@ -502,8 +500,9 @@ def cmd_vectors(opts):
 def attention_probs(attn, x, cos, sin, mask, l) -> torch.Tensor:
     """softmax(Q'K^T / sqrt(head_dim)) [B, n_heads, T, T], computed exactly as Attention.forward does it."""
     B, T, _ = x.shape
-    q = l("q", x, attn.wq(x)).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # l: the layer's Vectors
-    k = l("k", x, attn.wk(x)).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    q, k = attn.wq(x), attn.wk(x)  # with a baseline's adapter, its wrapped projections
+    q = (l["q"] * q if "q" in l else q).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # l: the vectors
+    k = (l["k"] * k if "k" in l else k).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # query head h reads KV head h // group
     scores = (q @ k.mT).to(torch.promote_types(q.dtype, torch.float32)) / attn.head_dim ** 0.5  # at least fp32
@@ -515,7 +514,7 @@ def attention_probs(attn, x, cos, sin, mask, l) -> torch.Tensor:
 @torch.no_grad()
 def attention_maps(model, tokens, prompt_lens=None) -> dict:
     """layer -> [B, n_heads, T, T]: the attention probabilities of every layer in one forward pass. A pre-hook
-    catches each attention module's inputs (the normed x, RoPE, mask, and the layer's Vectors).
+    catches each attention module's inputs (the normed x, RoPE, mask, and the layer's vectors l).
     prompt_lens: what PARA pools in each row (default: the whole row, a prompt without its response)."""
     maps = {}
     if prompt_lens is None:

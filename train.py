@@ -33,12 +33,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_model, load_tokenizer,
                        save_adapter)
-from para_mini.adapters import adapter_state, base_shape, read_adapter
+from para_mini.adapters import adapter_state, base_shape, block_state, new_adapter, read_adapter
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
 from para_mini.generation import generate_texts
 from para_mini.loading import check_tensors, model_names, read_checkpoint
 from para_mini.metrics import METRIC, score
-from para_mini.model import METHODS, Transformer
+from para_mini.model import Transformer
 
 # How much each task may generate at evaluation: labels are a word or two, the rest are free text.
 MAX_NEW_TOKENS = {"gsm8k": 256, "e2e": 96, "wikisql": 96, "alpaca": 256, "generic": 128, "squad": 32,
@@ -360,17 +360,18 @@ def load_sharded(args, cfg, dtype):
         model = Transformer(margs)  # a tied output is loaded as an equal copy of the embedding (LLaMA-2 is untied)
     check_tensors(args.weights, tensors, {n: tuple(t.shape) for n, t in model.state_dict().items()}, unused)
     with torch.random.fork_rng(devices=[]):  # the adapter's initial values, drawn as add_adapter draws them
-        fresh = [METHODS[cfg.method](margs, cfg).state_dict() for _ in model.layers]
+        fresh = {f"layers.{i}.{k}": p for i, block in enumerate(model.layers)
+                 for k, p in block_state(new_adapter(margs, cfg, block), cfg).items()}
     add_adapter(model, cfg)  # on the meta device: the shapes, and requires_grad on the adapter alone
+    file_key = {id(p): k for k, p in adapter_state(model).items()}
+    file_key = {name: file_key[id(p)] for name, p in model.named_parameters() if id(p) in file_key}
     for block in model.layers:
         fully_shard(block)  # a block's weights are gathered for its forward and backward, then freed
     fully_shard(model)  # the embedding, final norm and LM head
-    bank, _ = model.tenants["default"]
     state = {}
     for name, p in model.state_dict().items():
-        if ".adapters." in name:
-            i, k = name.split(".")[1], name.split(f".adapters.{bank}.0.")[1]
-            full = fresh[int(i)][k].to(args.device)  # fp32, as add_adapter keeps adapters
+        if name in file_key:
+            full = fresh[file_key[name]].detach().to(args.device)  # fp32, as add_adapter keeps adapters
         else:
             full = tensors[name].read().to(device=args.device, dtype=dtype)
         state[name] = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
@@ -384,7 +385,7 @@ def whole(t):
 
 def adapter_tensors(model):
     """The adapter's tensors by file name, whole; under --shard every rank must call this (it gathers)."""
-    return {k: whole(v).detach().clone() for k, v in adapter_state(model, "default").items()}
+    return {k: whole(v).detach().clone() for k, v in adapter_state(model).items()}
 
 
 def like(p, t):
@@ -396,7 +397,7 @@ def like(p, t):
 def set_adapter(model, tensors):
     """Copy an adapter's tensors (file name -> whole tensor) into the model; under --shard each rank its rows."""
     with torch.no_grad():
-        for name, p in adapter_state(model, "default").items():
+        for name, p in adapter_state(model).items():
             p.copy_(like(p, tensors[name]))
 
 
@@ -465,7 +466,7 @@ def train(args, on_step=None):
                          f"{args.max_len} tokens")
     if not args.shard:
         add_adapter(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(adapter_state(model).values())  # in the order of the adapter's file (and of older checkpoints)
     print(f"{args.method}: {sum(p.numel() for p in params):,} tunable parameters ({asdict(cfg)})", flush=True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     # DDP averages the adapter's gradients over the ranks in backward (the frozen backbone has none to send);
@@ -489,7 +490,7 @@ def train(args, on_step=None):
         # checkpoints, from stacked tenants, had PARA's up.bias before up.weight, and shapes [1, ...])
         was, state = {name: i for i, name in enumerate(ck["adapter"])}, ck["optimizer"]["state"]
         ck["optimizer"]["state"] = {i: {k: v.view(p.shape) if v.dim() else v for k, v in state[was[n]].items()}
-                                    for i, (n, p) in enumerate(adapter_state(model, "default").items())
+                                    for i, (n, p) in enumerate(adapter_state(model).items())
                                     if was[n] in state}
         set_optimizer(opt, params, ck["optimizer"])
         step, best, bad = ck["step"], ck["best"], ck["bad"]

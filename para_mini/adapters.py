@@ -1,10 +1,10 @@
-# Adapters as files: create one, attach it, save it, load it (DESIGN.md, "Adapter files").
+# Adapters: their settings, attaching one to a model for fine-tuning, and their files.
 #
-# Adapters with the same settings share one "bank" in every layer, an nn.ModuleList with one module per tenant, so
-# a batch can mix tenants (serving.py). A file holds one tenant: its module's tensors, under
-# layers.{i}.<prefix>.<parameter>.
+# A model carries at most one adapter: PARA's vector generator in every block (Block.vg), or a LoRA, (IA)^3 or
+# BitFit wrapper around each projection it targets, as PEFT attaches them. A file holds one adapter's tensors under
+# layers.{i}.<method>.<name>, e.g. layers.0.vg.down.weight or layers.0.lora.A.q. Serving many adapters at once is
+# serving.py's.
 import dataclasses
-import itertools
 import json
 import os
 from pathlib import Path
@@ -14,9 +14,49 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from .model import LINEARS, METHODS, AdapterConfig, ModelArgs, Transformer
+from .model import BitFitLinear, Block, IA3Linear, LoRALinear, ModelArgs, Transformer, VectorGenerator
 
-PREFIX = {"para": "vg", "ia3": "ia3", "lora": "lora", "bitfit": "bitfit"}  # file key: layers.{i}.vg.down.weight
+# The seven projections an adapter can touch. q, k, v, g, u are the paper's Query, Key, Value, Gate and Up;
+# o and d are the attention output and FFN Down projections (LoRA and BitFit may use them).
+SITES = ("q", "k", "v", "o", "g", "u", "d")
+LINEARS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
+           "g": "feed_forward.w1", "u": "feed_forward.w3", "d": "feed_forward.w2"}  # each site's module in a Block
+DEFAULT_TARGETS = {"para": ("q", "v", "u"), "ia3": ("k", "v", "u"), "lora": SITES, "bitfit": SITES}
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    method: str = "para"  # para | lora | ia3 | bitfit
+    targets: tuple = ()  # empty: the method's default (DEFAULT_TARGETS)
+    r: int = 0  # PARA: the vector generator's bottleneck (default 12); LoRA: the rank (default 4)
+    pooler: str = "capsule"  # PARA: capsule (PARADE) | last (PARA, PARADE-1) | routing (PARADE-2) | mean
+    K: int = 4  # PARA: number of output capsules
+    alpha: float = 8.0  # LoRA: the update is scaled by alpha / r
+    proj: int = 0  # (IA)^3, BitFit: > 0 makes the vectors from a learned proj-dim vector (paper, Section 4.1)
+
+    def __post_init__(self):
+        if self.method not in DEFAULT_TARGETS:
+            raise ValueError(f"unknown adapter method {self.method!r}; choose one of {sorted(DEFAULT_TARGETS)}")
+        targets = tuple(self.targets or DEFAULT_TARGETS[self.method])
+        if set(targets) - set(SITES):
+            raise ValueError(f"adapter targets must be a subset of {SITES}, got {targets}")
+        self.targets = tuple(t for t in SITES if t in targets)  # one canonical order: the order of the file's rows
+        self.r = self.r or {"para": 12, "lora": 4}.get(self.method, 0)
+        if self.proj < 0 or (self.proj and self.method not in ("ia3", "bitfit")):
+            raise ValueError(f"proj={self.proj}: only (IA)^3 and BitFit take a projection, and it must be >= 0")
+        if self.method == "para":
+            if self.pooler not in ("capsule", "last", "routing", "mean"):
+                raise ValueError(f"unknown pooler {self.pooler!r}; choose capsule, last, routing or mean")
+            if "o" in self.targets or "d" in self.targets:
+                raise ValueError("PARA adjusts q, k, v, g and u only (the paper's Query, Key, Value, Gate, Up)")
+            if self.pooler in ("capsule", "routing") and self.r % self.K:
+                raise ValueError(f"the capsule pooler splits r={self.r} into K={self.K} capsules: r % K must be 0")
+
+
+# each method's file prefix, and its tensors: (name in the file, attribute path in the wrapper), one row per kind
+PREFIX = {"para": "vg", "ia3": "ia3", "lora": "lora", "bitfit": "bitfit"}
+KINDS = {"lora": [("A", "A"), ("B", "B")], "ia3": [("vectors", "l.vector")], "bitfit": [("vectors", "b.vector")],
+         "ia3-proj": [("z", "l.z"), ("proj", "l.proj")], "bitfit-proj": [("z", "b.z"), ("proj", "b.proj")]}
 
 
 def base_shape(args: ModelArgs) -> dict:
@@ -24,50 +64,99 @@ def base_shape(args: ModelArgs) -> dict:
             "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size}
 
 
-def add_adapter(model: Transformer, config: AdapterConfig, name: str = "default") -> str:
-    """Attach a freshly initialised adapter as tenant `name`; only adapter parameters require gradients."""
-    if name in model.tenants:
-        raise ValueError(f"an adapter named {name!r} is already attached")
-    config = dataclasses.replace(config)  # the bank keeps its own copy: changing the caller's must not change it
+def wrap(linear: nn.Linear, cfg: AdapterConfig) -> nn.Linear:
+    """The projection `linear` with the baseline's adapter around it (its weight shared, not copied)."""
+    if cfg.method == "lora":
+        return LoRALinear(linear, cfg.r, cfg.alpha)
+    return (IA3Linear if cfg.method == "ia3" else BitFitLinear)(linear, cfg.proj)
+
+
+def unwrap(wrapper: nn.Linear) -> nn.Linear:
+    plain = nn.Linear(wrapper.in_features, wrapper.out_features, bias=False, device="meta")
+    plain.weight = wrapper.weight
+    return plain
+
+
+def new_adapter(args: ModelArgs, cfg: AdapterConfig, block) -> dict:
+    """One block's fresh adapter: {"vg": VectorGenerator} for PARA, else {site: its projection wrapped}."""
+    if cfg.method == "para":
+        return {"vg": VectorGenerator(args, cfg)}
+    # random draws in the order earlier versions made them, so that a seed gives the same adapter: LoRA's A by the
+    # sites' names, (IA)^3's and BitFit's projections in the order of the targets
+    order = sorted(cfg.targets) if cfg.method == "lora" else cfg.targets
+    return {site: wrap(block.get_submodule(LINEARS[site]), cfg) for site in order}
+
+
+def attach(block, modules: dict):
+    """Put one block's adapter modules in place (new_adapter's dict); unwrapped linears restore the base."""
+    for site, m in modules.items():
+        parent, name = ("", "vg") if site == "vg" else LINEARS[site].split(".")
+        setattr(block.get_submodule(parent) if parent else block, name, m)
+
+
+def add_adapter(model: Transformer, config: AdapterConfig):
+    """Attach a freshly initialised adapter; only its parameters require gradients. Returns the model."""
+    if model.adapter is not None:
+        raise ValueError(f"a {model.adapter.method} adapter is already attached: a model carries one "
+                         "(remove_adapter first, or serve several with serving.Tenants)")
     device = model.output.weight.device
-    banks = model.layers[0].adapters
-    bank = next((b for b, m in banks.items() if m.config == config), None)
-    if bank is None:
-        bank = next(f"{config.method}{i}" for i in itertools.count() if f"{config.method}{i}" not in banks)
-        for layer in model.layers:
-            layer.adapters[bank] = nn.ModuleList()
-            layer.adapters[bank].config = config
-    for layer in model.layers:  # one freshly initialised tenant per layer, in the bank's dtype
-        tenants = layer.adapters[bank]
-        fresh = METHODS[config.method](model.args, config).to(device)
-        tenants.append(fresh.to(next(tenants[0].parameters()).dtype) if len(tenants) else fresh)
-    model.tenants[name] = (bank, len(banks[bank]) - 1)
-    for n, p in model.named_parameters():
-        p.requires_grad_(".adapters." in n)
-    return name
+    for block in model.layers:
+        attach(block, {k: m.to(device) for k, m in new_adapter(model.args, config, block).items()})
+    model.adapter = dataclasses.replace(config)  # its own copy: changing the caller's must not change it
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_state(model).values():
+        p.requires_grad_(True)
+    return model
 
 
-def adapter_config(model: Transformer, name: str) -> AdapterConfig:
-    bank, _ = model.tenants[name]
-    return model.layers[0].adapters[bank].config
+def remove_adapter(model: Transformer):
+    cfg = model.adapter
+    if cfg is None:
+        raise ValueError("no adapter is attached")
+    for block in model.layers:
+        attach(block, {"vg": None} if cfg.method == "para" else
+               {site: unwrap(block.get_submodule(LINEARS[site])) for site in cfg.targets})
+    model.adapter = None
 
 
-def adapter_state(model: Transformer, name: str) -> dict:
-    """The tenant's tensors under their file names, e.g. layers.0.vg.down.weight -> [r, dim]."""
-    bank, slot = model.tenants[name]
-    prefix = PREFIX[adapter_config(model, name).method]
-    return {f"layers.{i}.{prefix}.{k}": p
-            for i, layer in enumerate(model.layers) for k, p in layer.adapters[bank][slot].named_parameters()}
+def kinds(cfg: AdapterConfig) -> list:
+    return KINDS[cfg.method + ("-proj" if cfg.proj else "")]
 
 
-def save_adapter(model: Transformer, path, name: str = None, tensors: dict = None):
-    """Write one adapter to a .safetensors file, atomically (a crash never leaves a half-written file).
+def block_state(modules: dict, cfg: AdapterConfig) -> dict:
+    """One block's adapter tensors (modules as new_adapter makes them) under their file names without the layer
+    (e.g. lora.A.q), kind by kind, sites by name: the order of AdamW's state and of a checkpoint."""
+    if cfg.method == "para":
+        return {f"vg.{k}": p for k, p in modules["vg"].named_parameters()}
+    return {f"{PREFIX[cfg.method]}.{kind}.{site}": modules[site].get_parameter(attr)
+            for kind, attr in kinds(cfg) for site in sorted(cfg.targets)}
+
+
+def block_modules(block, cfg: AdapterConfig) -> dict:
+    """The adapter modules attached to a block, as new_adapter made them."""
+    return {"vg": block.vg} if cfg.method == "para" else {s: block.get_submodule(LINEARS[s]) for s in cfg.targets}
+
+
+def adapter_state(model: Transformer) -> dict:
+    """The attached adapter's tensors under their file names, e.g. layers.0.vg.down.weight -> [r, dim]."""
+    if model.adapter is None:
+        raise ValueError("no adapter is attached")
+    return {f"layers.{i}.{k}": p for i, block in enumerate(model.layers)
+            for k, p in block_state(block_modules(block, model.adapter), model.adapter).items()}
+
+
+def save_adapter(model: Transformer, path, tensors: dict = None):
+    """Write the attached adapter to a .safetensors file, atomically (a crash never leaves a half-written file).
     tensors: its adapter_state already gathered whole, where the model is sharded across processes (train.py)."""
-    name = name or _only_tenant(model)
-    cfg = adapter_config(model, name)
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in (tensors or adapter_state(model, name)).items()}
+    cfg = model.adapter
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in (tensors or adapter_state(model)).items()}
+    write_adapter(path, cfg, base_shape(model.args), tensors)
+
+
+def write_adapter(path, cfg: AdapterConfig, base: dict, tensors: dict):
     metadata = {"format": "para-mini", "method": cfg.method, "config": json.dumps(dataclasses.asdict(cfg)),
-                "base": json.dumps(base_shape(model.args))}
+                "base": json.dumps(base)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -98,65 +187,59 @@ def read_adapter(path):
     return AdapterConfig(**cfg), json.loads(meta["base"]), tensors
 
 
-def load_adapter(model: Transformer, path, name: str = None) -> str:
-    """Attach the adapter stored at `path` to `model` as tenant `name` (default: the file's stem)."""
-    cfg, base, tensors = read_adapter(path)
-    if base != base_shape(model.args):
+def check_adapter(args: ModelArgs, path, cfg: AdapterConfig, base: dict, tensors: dict):
+    """Refuse an adapter made for another base shape, or whose tensors do not match its own settings."""
+    if base != base_shape(args):
         raise ValueError(f"adapter {path} was trained for a base model of shape {base}, but the loaded model is "
-                         f"{base_shape(model.args)}: load the base model the adapter was trained on")
-    name = add_adapter(model, cfg, name or Path(path).stem)
-    want = adapter_state(model, name)
+                         f"{base_shape(args)}: load the base model the adapter was trained on")
+    want = expected_shapes(args, cfg)
     missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(want[k].shape)})"
-             for k in want if k in tensors and tensors[k].shape != want[k].shape]
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {want[k]})"
+             for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
     if missing or unexpected or wrong:
-        remove_adapter(model, name)
         raise ValueError(f"adapter {path} does not match its own settings {cfg}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+
+
+def load_adapter(model: Transformer, path) -> Transformer:
+    """Attach the adapter stored at `path` to `model` (which must carry none). Returns the model."""
+    cfg, base, tensors = read_adapter(path)
+    check_adapter(model.args, path, cfg, base, tensors)
+    add_adapter(model, cfg)
     with torch.no_grad():
-        for k, p in want.items():
+        for k, p in adapter_state(model).items():
             p.copy_(tensors[k])
-    return name
+    return model
 
 
-def remove_adapter(model: Transformer, name: str):
-    bank, slot = model.tenants.pop(name)
-    if not any(b == bank for b, _ in model.tenants.values()):
-        for layer in model.layers:
-            del layer.adapters[bank]
-        return
-    for layer in model.layers:
-        del layer.adapters[bank][slot]
-    model.tenants = {n: (b, s - (b == bank and s > slot)) for n, (b, s) in model.tenants.items()}
-
-
-def merge_lora(model: Transformer, name: str = None):
-    """Fold a LoRA adapter into the backbone (W += alpha / r * B A) for single-tenant serving at base speed."""
-    name = name or _only_tenant(model)
-    cfg = adapter_config(model, name)
-    if cfg.method != "lora":
-        raise ValueError(f"only LoRA adapters can be merged; {name!r} is {cfg.method}")
-    if len(model.tenants) > 1:
-        raise ValueError(f"merging {name!r} changes the backbone every attached adapter shares "
-                         f"({', '.join(model.tenants)}): merge only when it is the one adapter attached")
-    bank, slot = model.tenants[name]
+def merge_lora(model: Transformer):
+    """Fold the attached LoRA adapter into the backbone (W += alpha / r * B A), for serving at base speed."""
+    cfg = model.adapter
+    if cfg is None or cfg.method != "lora":
+        raise ValueError(f"only LoRA adapters can be merged; the model carries {cfg.method if cfg else 'none'}")
+    if len(getattr(model, "tenants", ())):
+        raise ValueError("merging changes the backbone every adapter served from it shares (serving.Tenants): "
+                         "merge only on a model that serves no other adapter")
     with torch.no_grad():
-        for layer in model.layers:
-            lora = layer.adapters[bank][slot]
-            for site in lora.A:
-                W = layer.get_submodule(LINEARS[site]).weight
-                W += (lora.scaling * lora.B[site] @ lora.A[site]).to(W.dtype)
-    remove_adapter(model, name)
+        for block in model.layers:
+            for site in cfg.targets:
+                lora = block.get_submodule(LINEARS[site])
+                lora.weight += (lora.scaling * lora.B @ lora.A).to(lora.weight.dtype)
+    remove_adapter(model)
 
 
-def _only_tenant(model):
-    if len(model.tenants) != 1:
-        raise ValueError(f"{len(model.tenants)} adapters are attached ({', '.join(model.tenants) or 'none'}): "
-                         "name the one you mean")
-    return next(iter(model.tenants))
+def one_block_adapter(args: ModelArgs, cfg: AdapterConfig) -> dict:
+    """One block's adapter tensors by file name (without the layer), made on the meta device: shapes, no memory."""
+    with torch.device("meta"):
+        block = Block(args)
+        return block_state(new_adapter(args, cfg, block), cfg)
+
+
+def expected_shapes(args: ModelArgs, cfg: AdapterConfig) -> dict:
+    one = one_block_adapter(args, cfg)
+    return {f"layers.{i}.{k}": tuple(p.shape) for i in range(args.n_layers) for k, p in one.items()}
 
 
 def count_parameters(args: ModelArgs, config: AdapterConfig) -> int:
     """Tunable parameters of one adapter on a model of shape `args` (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return args.n_layers * sum(p.numel() for p in METHODS[config.method](args, config).parameters())
+    return args.n_layers * sum(p.numel() for p in one_block_adapter(args, config).values())

@@ -17,10 +17,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .adapters import adapter_state, add_adapter, remove_adapter
+from .adapters import LINEARS, AdapterConfig
 from .generation import Request, beam_search, generate
 from .loading import HF_NAMES
-from .model import LINEARS, AdapterConfig, ModelArgs, Transformer
+from .model import ModelArgs, Transformer
+from .serving import Tenants
 
 SHAPES = {
     "tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=344,
@@ -45,9 +46,10 @@ DEFINITIONS = {
                     "cpu_rss_peak_mib for the whole process)",
     "floor_tokens_per_s": "every weight GEMV of one token (batch 1: x @ W.T for all layers' seven linears and the "
                           "LM head) replayed from a CUDA graph: the practical floor of batch-1 decoding",
-    "path": "eager: model.py's decoding step (the default); fast: para_mini/fast.py's static-shape step from the same "
-            "eager prefill, replayed from a CUDA graph on a GPU (torch.compile'd first with --compile), run as it is "
-            "on a CPU; Hugging Face's rows are its eager generate",
+    "path": "eager: model.py's decoding step (the default); fast: the same step with the KV cache in its static mode "
+            "(whole buffers read, every shape fixed), after the same eager prefill, replayed from a CUDA graph on a "
+            "GPU (torch.compile'd first with --compile), run as it is on a CPU; Hugging Face's rows are its eager "
+            "generate",
     "targets": "the GPU issue's targets 1-5 as ratios of this run's figures; met is null where a figure is missing "
                "(no GPU: no floor; no Hugging Face)",
     "timed_calls": "how many calls each median is of (settings.repeats, or fewer under --max-timed-s), after "
@@ -68,16 +70,15 @@ def random_model(args: ModelArgs, dtype, device, seed=0) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
-def attach(model, cfg, n, seed=0):
+def attach(tenants: Tenants, cfg, n, seed=0):
     """n tenants of one adapter setting, with random non-trivial weights (at initialisation they are identities)."""
     names = [f"{cfg.method}{i}" for i in range(n)]
-    g = torch.Generator(model.output.weight.device).manual_seed(seed)
+    g = torch.Generator(tenants.model.output.weight.device).manual_seed(seed)
     for name in names:
-        add_adapter(model, cfg, name)
+        tenants.add(name, cfg)
         with torch.no_grad():
-            for p in adapter_state(model, name).values():
+            for p in tenants.state(name).values():
                 p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.02)
-    model.requires_grad_(False)
     return names
 
 
@@ -129,14 +130,16 @@ def bench_ours(model, s, device, save):
     """Every para-mini row, each handed to save() as soon as it is measured."""
     for fast in (False, True):  # warm-up
         generate(model, [Request(p, None, 4) for p in prompts(model.args.vocab_size, s["prompt_len"], 2)], fast=fast)
+    tenants = Tenants(model)
     for method in s["methods"]:
         cfg = METHODS[method]
-        names = attach(model, cfg, max(s["mixed"], default=1)) if cfg else []
+        names = attach(tenants, cfg, max(s["mixed"], default=1)) if cfg else []
         for batch, beam in [(1, b) for b in s["beams"]] + [(n, 1) for n in s["mixed"]]:
             ps = prompts(model.args.vocab_size, s["prompt_len"], batch)
             adapters = names[:batch] if cfg else [None] * batch
             for path in ("eager", "fast"):
-                opts = {"fast": path == "fast", "compile": path == "fast" and s["compile"], "batch_size": batch}
+                opts = {"fast": path == "fast", "compile": path == "fast" and s["compile"], "batch_size": batch,
+                        "tenants": tenants}
 
                 def run(n):
                     requests = [Request(p, a, n) for p, a in zip(ps, adapters)]
@@ -148,9 +151,9 @@ def bench_ours(model, s, device, save):
                 row = {"impl": "para-mini", "path": path, "method": method, "batch": batch, "beam": beam,
                        "tenants": len(set(adapters) - {None})}
                 save(row | measure(run, batch, s["new_tokens"], device, s))
-        for name in reversed(names):
-            remove_adapter(model, name)
-    model.fast_decoder = None  # its static cache and CUDA graph: free for Hugging Face's runs
+        for name in names:
+            tenants.remove(name)
+    model.decode_step = None  # its static cache and CUDA graph: free for Hugging Face's runs
 
 
 # ------------------------------------------------------------------------------- Hugging Face + PEFT, optional

@@ -19,8 +19,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from .bench import DTYPES, METHODS, SHAPES, attach, emit, prompts, random_model, seconds, shape_and_dtype, sync
-from .fast import FastDecoder
-from .generation import Request, prefill
+from .fast import Step, one_token
+from .generation import Request, prefill, serve
+from .serving import Tenants
 
 
 def kernels(fn, device, top):
@@ -44,27 +45,38 @@ def kernels(fn, device, top):
                                       for name, (n, us) in ranked]
 
 
-def cases(model, prompt, method, adapter, new_tokens):
+def cases(model, tenants, prompt, method, adapter, new_tokens):
     """The name -> function of each case for one method; every call of a function does the same work (the same
-    cache position), so warm-up, timed and profiled calls are alike."""
-    device = model.output.weight.device
-    request = Request(prompt, adapter, new_tokens)
-    cache, logits = prefill(model, [request])
-    start, token = cache.pos, logits.argmax(-1)[:, None]
-    decoder = FastDecoder(model, cache, compile=False)  # its own buffers: the eager cache stays as it is
-    decoder.load(cache)
-    rows = torch.zeros(1, dtype=torch.long, device=device)
+    cache position), so warm-up, timed and profiled calls are alike. Decoding reads the vectors made at the prefill,
+    so only the prefill needs the adapter installed (tenants.rows)."""
+    request, max_len = Request(prompt, adapter, new_tokens), len(prompt) + new_tokens
+    step = Step(model, 1, -(-max_len // 16) * 16, compile=False)  # its own cache: the eager one stays as it is
+    with serve(tenants, [adapter]):
+        cache = model.new_cache(1, max_len)
+        token = prefill(model, [request], cache).argmax(-1)
+        prefill(model, [request], step.reuse())
+        step.load()
+    n = cache.n
 
     def eager():
-        cache.pos = start  # decode the same position again: keys and values are rewritten, shapes stay the same
-        model(token, cache=cache)
+        cache.n = n  # decode the same position again: keys and values are rewritten, shapes stay the same
+        cache.pos.fill_(n)
+        model(token[:, None], cache=cache)
 
     def fast_graph():
-        decoder.pos.fill_(start)
-        decoder.step(rows, token[:, 0])  # on a GPU: captured at the first call (a warm-up), replayed after
+        step.cache.pos.fill_(n)
+        step(token)  # on a GPU: captured at the first call (a warm-up), replayed after
 
-    return {f"prefill_{method}": lambda: prefill(model, [request]), f"eager_{method}": eager,
-            f"fast_graph_{method}": fast_graph, f"fast_kernels_{method}": decoder.one_token}, decoder
+    def fast_kernels():
+        step.cache.pos.fill_(n)
+        one_token(model, step.cache, step.tokens)
+
+    def prefill_once():
+        with serve(tenants, [adapter]):
+            prefill(model, [request], model.new_cache(1, max_len))
+
+    return {f"prefill_{method}": prefill_once, f"eager_{method}": eager, f"fast_graph_{method}": fast_graph,
+            f"fast_kernels_{method}": fast_kernels}, step
 
 
 def main(argv=None):
@@ -81,11 +93,12 @@ def main(argv=None):
     device = torch.device(a.device)
     shape, dtype = shape_and_dtype(a, device)
     model = random_model(SHAPES[shape], dtype, device)
-    [adapter] = attach(model, METHODS["para"], 1)
+    tenants = Tenants(model)
+    [adapter] = attach(tenants, METHODS["para"], 1)
     [prompt] = prompts(model.args.vocab_size, a.prompt_len, 1)
     fns, graphs = {}, {}
     for method, name in (("base", None), ("para", adapter)):
-        made, decoder = cases(model, prompt, method, name, 32)
+        made, decoder = cases(model, tenants, prompt, method, name, 32)
         fns |= made
         graphs[method] = decoder
     for fn in fns.values():  # warm-up: the first calls (allocator, kernels' first use, the CUDA graphs' capture)

@@ -27,10 +27,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .adapters import add_adapter, remove_adapter
+from .adapters import AdapterConfig, add_adapter, remove_adapter
 from .bench import DTYPES, SHAPES, emit, hf_twin, random_model
 from .loading import HF_NAMES
-from .model import AdapterConfig
 
 PARA = AdapterConfig("para", ("q", "v", "u"), r=12, K=4)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, per datasheet
@@ -130,7 +129,7 @@ def run(impl, model, s, device, grad_checkpointing):
     tokens, targets, lens = batch(s["vocab"], s["batch"], s["seq"], s["response"], device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if s["dtype"] == "bf16" else nullcontext()
     if impl == "para-mini":
-        add_adapter(model, PARA, "bench")
+        add_adapter(model, PARA)
         model.checkpointing = grad_checkpointing
         net, step = model, para_step
     else:
@@ -164,7 +163,7 @@ def run(impl, model, s, device, grad_checkpointing):
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else live.peak
 
     if impl == "para-mini":
-        remove_adapter(model, "bench")
+        remove_adapter(model)
         model.checkpointing = False
     else:
         net.unload()

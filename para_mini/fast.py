@@ -1,145 +1,83 @@
-# The fast decode path, opt-in (generate(..., fast=True), generate.py --fast): the eager path's decoding step with
-# every shape fixed, so that a GPU replays it from a CUDA graph (or torch.compile compiles it) instead of Python
-# launching each of its hundreds of small kernels one by one. The eager path (model.py) stays the reference.
-#
-# The eager step slices the KV cache up to the current position, so its shapes grow by one at every token. Here the
-# cache is written at a position held in a tensor (index_copy_), attention reads the whole buffer with a mask made
-# from that position and each row's left padding, and the rows never change: beam search moves them in place, and
-# greedy decoding keeps computing finished rows rather than drop them. The prompt is prefilled by the eager path;
-# its keys, values and every layer's Vectors (PARA's l_q, l_v, l_u, the other tenants' vectors, LoRA factors and
-# BitFit biases, the identity on rows without an adapter) are copied into static tensors that the step reads.
-# The blocks are model.py's own (Block.forward), so the step computes the same equations.
+# The decoding step replayed from a CUDA graph (generate(..., fast=True), generate.py --fast): model.py's own forward
+# for one new token per row, captured once, so that a GPU replays its hundreds of small kernels at once instead of
+# Python launching each (torch.compile fuses them first with compile=True). Nothing is computed differently: the KV
+# cache is put in its static mode, where every shape is fixed (the whole buffer is read, the attention mask hides what
+# is not written yet) and the position is a tensor that the graph itself advances. On a CPU the same step runs as it is.
 import torch
 
-from .model import Transformer, rope
-from .serving import Cache, KVCache, Vectors
+from .cache import KVCache
+from .model import Transformer
 
 
-class StaticKV:
-    """One layer's keys and values [B, n_kv_heads, max_len, head_dim], written at the position tensor and read
-    whole (the mask hides what is not written yet), and the layer's Vectors: what Block.forward uses of a KVCache."""
-
-    def __init__(self, like: KVCache, pos):
-        self.k, self.v = torch.zeros_like(like.k), torch.zeros_like(like.v)
-        self.pos, self.vectors = pos, None
-
-    def update(self, start, k, v):  # start: the eager path's Python position; here the position is the tensor pos
-        self.k.index_copy_(2, self.pos, k)
-        self.v.index_copy_(2, self.pos, v)
-        return self.k, self.v
+def one_token(model: Transformer, cache: KVCache, tokens):
+    return model(tokens, cache=cache)  # [B, 1] -> [B, 1, vocab]
 
 
-def tensors(v: Vectors) -> list:
-    """Every tensor one layer's Vectors holds, in a fixed order."""
-    return [*v.l.values(), *v.b.values(), *(t for pairs in v.lora.values() for pair in pairs for t in pair)]
+class Step:
+    """The decoding step of a cache of B rows and max_len positions, kept with its CUDA graph for the next batch of
+    the same shape (as model.decode_step, one at a time; `model.decode_step = None` frees it)."""
 
+    def __init__(self, model: Transformer, batch_size: int, max_len: int, compile: bool):
+        self.model, self.compile = model, compile
+        self.cache = model.new_cache(batch_size, max_len)
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.cache.pos.device)  # the step's input
+        # a plain function, not a bound method: the step holds no reference to itself, and is freed with its last user
+        self.forward = torch.compile(one_token, dynamic=False) if compile else one_token
+        self.graph = self.out = self.inputs = None
 
-def static_copy(v: Vectors) -> Vectors:
-    """Tensors of the step's own: reordered in place and refilled by load(), so never an adapter's own parameter
-    (a LoRA factor shared by every row is the parameter itself)."""
-    out = Vectors()
-    out.l, out.b = ({site: t.clone() for site, t in d.items()} for d in (v.l, v.b))
-    out.lora = {site: [(A.clone(), B.clone()) for A, B in pairs] for site, pairs in v.lora.items()}
-    return out
+    def reuse(self) -> KVCache:
+        """The cache, ready for the next batch's prefill (which runs eagerly); call load() after it."""
+        self.cache.static, self.cache.n = False, 0
+        return self.cache
 
-
-def layout(v: Vectors) -> tuple:
-    """What a captured step depends on in a layer's Vectors: which projections carry which tensors, of which shape."""
-    lora = tuple((site, len(pairs)) for site, pairs in v.lora.items())
-    return tuple(v.l), tuple(v.b), lora, tuple(t.shape for t in tensors(v))
-
-
-class FastDecoder:
-    """The static-shape decoding step for a batch of B rows and a cache of max_len positions."""
-
-    def __init__(self, model: Transformer, cache: Cache, compile: bool):
-        k = cache.layers[0].k
-        self.model, self.compile, self.shape = model, compile, (k.shape[0], k.shape[2])  # (B, max_len)
-        self.pos = torch.zeros(1, dtype=torch.long, device=k.device)  # where this step's token goes in the buffer
-        self.pad = torch.zeros(k.shape[0], dtype=torch.long, device=k.device)  # each row's left padding
-        self.tokens = torch.zeros(k.shape[0], 1, dtype=torch.long, device=k.device)  # this step's input
-        self.keys = torch.arange(k.shape[2], device=k.device)
-        self.layers = [StaticKV(c, self.pos) for c in cache.layers]
-        # torch.compile's default mode adds no CUDA graphs of its own: on a GPU, capture() makes the one graph
-        self.forward = torch.compile(self.one_token, dynamic=False) if compile else self.one_token
-        self.layouts = self.graph = self.out = None
-
-    def load(self, cache: Cache):
-        """Copy in an eager prefill's cache: keys, values, left padding, position and every layer's Vectors."""
-        vectors = [c.vectors for c in cache.layers]
-        if [layout(v) for v in vectors] != self.layouts:  # other adapters in the batch: new tensors, a new graph
-            self.layouts, self.graph = [layout(v) for v in vectors], None
-            for s, v in zip(self.layers, vectors):
-                s.vectors = static_copy(v)
-        else:  # the same layout: the captured graph reads the new vectors from the same memory
-            for s, v in zip(self.layers, vectors):
-                for mine, new in zip(tensors(s.vectors), tensors(v)):
-                    mine.copy_(new)
-        for s, c in zip(self.layers, cache.layers):
-            s.k.copy_(c.k)
-            s.v.copy_(c.v)
-        if cache.pad is None:  # no row is padded
-            self.pad.zero_()
+    def load(self):
+        """After the prefill (and beam search's copy of each prompt to its beams): what a captured graph reads must
+        be where it reads it. The vectors of the new prompts are copied into the captured ones; other adapters in the
+        model, or vectors of other shapes, need a new graph."""
+        cache, modules = self.cache, list(self.model.modules())
+        shapes = [[(site, t.shape) for site, t in l.items()] for l in cache.l]
+        if self.inputs is not None and self.inputs[1] == shapes and len(self.inputs[0]) == len(modules) \
+                and all(a is b for a, b in zip(self.inputs[0], modules)):
+            for mine, new in zip(self.inputs[2], cache.l):
+                for site, t in mine.items():
+                    t.copy_(new[site])
         else:
-            self.pad.copy_(cache.pad)
-        self.pos.fill_(cache.pos)
+            self.graph, self.inputs = None, (modules, shapes, cache.l)
+        cache.l, cache.static = self.inputs[2], True
 
-    def one_token(self):
-        """Every row's next-token logits [B, 1, vocab] from self.tokens, with every shape fixed."""
-        m, a = self.model, self.model.args
-        positions = (self.pos - self.pad).clamp(min=0)[:, None]  # each row's position after its left padding [B, 1]
-        cos, sin = rope(positions, a.head_dim, a.rope_theta)
-        sees = (self.keys <= self.pos) & (self.keys >= self.pad[:, None])  # the positions each row sees [B, max_len]
-        h = m.tok_embeddings(self.tokens)  # [B, 1, dim]
-        # as an additive mask in the activations' dtype, made once: given the bool mask, attention would convert it
-        # at every layer (a few more kernels each)
-        mask = torch.zeros(sees.shape, dtype=h.dtype, device=h.device).masked_fill(~sees, float("-inf"))
-        for layer, kv in zip(m.layers, self.layers):
-            h = layer(h, cos, sin, mask[:, None, None], None, kv)  # model.py's block, prompt None: decoding
-        return m.output(m.norm(h))
-
-    def capture(self):
-        # warm up (and compile) off the capturing stream, as CUDA graphs require; the warm-up writes the keys and
-        # values of this very step, which the replay writes again
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.forward()  # the graph's output tensor: each replay refills it
-
-    def step(self, rows, tokens):
-        """Feed tokens [n] to the cache rows `rows` [n] -> their next-token logits [n, vocab] in fp32. The other rows
-        (finished requests) are computed too, and ignored: that is what keeps every shape fixed."""
-        self.tokens.index_copy_(0, rows, tokens[:, None])
-        if self.pos.device.type == "cuda":
+    def __call__(self, tokens):
+        """tokens [B] -> every row's next-token logits [B, vocab] in fp32."""
+        self.tokens.copy_(tokens[:, None])
+        if self.tokens.device.type == "cuda":
             if self.graph is None:
                 self.capture()
             self.graph.replay()
         else:
-            self.out = self.forward()
-        self.pos += 1
-        return self.out[rows, -1].float()
+            self.out = self.forward(self.model, self.cache, self.tokens)
+        self.cache.n += 1
+        return self.out[:, -1].float()
 
-    def reorder(self, dst, src):
-        """Rows dst take the contents of rows src (beam search), in place, so the step keeps reading the same memory.
-        Vectors shared by every row (2-D, or one row) stay as they are."""
-        for t in [self.pad] + [t for s in self.layers for t in (s.k, s.v, *tensors(s.vectors))
-                               if t.dim() >= 3 and t.shape[0] > 1]:
-            t.index_copy_(0, dst, t.index_select(0, src))
+    def capture(self):
+        # warm up (and compile) off the capturing stream, as CUDA graphs require; each warm-up call writes the keys and
+        # values of this very step and advances the position, which is then put back for the replay
+        pos = self.cache.pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.forward(self.model, self.cache, self.tokens)
+                self.cache.pos.copy_(pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.forward(self.model, self.cache, self.tokens)  # recorded, not run: each replay runs it
 
 
-def fast_decoder(model: Transformer, cache: Cache, compile: bool = False) -> FastDecoder:
-    """The model's FastDecoder for this cache's batch and length, loaded with the cache. It is kept on the model
-    (model.fast_decoder, one at a time) so that the next batch of the same shape reuses its buffers and its CUDA
-    graph rather than capture another; `model.fast_decoder = None` frees it."""
-    d = getattr(model, "fast_decoder", None)
-    k = cache.layers[0].k
-    if d is None or d.shape != (k.shape[0], k.shape[2]) or d.compile != compile:
-        model.fast_decoder = None  # let go of the old buffers before making the new ones
-        d = model.fast_decoder = FastDecoder(model, cache, compile)
-    d.load(cache)
-    return d
+def decode_step(model: Transformer, batch_size: int, max_len: int, compile: bool = False) -> Step:
+    """The model's kept Step if it has this shape, else a new one (the old one freed first)."""
+    step = getattr(model, "decode_step", None)
+    if step is None or step.cache.k.shape[1] != batch_size or step.cache.k.shape[3] != max_len \
+            or step.compile != compile:
+        model.decode_step = None  # let go of the old buffers and graph before making new ones
+        step = model.decode_step = Step(model, batch_size, max_len, compile)
+    return step

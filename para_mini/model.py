@@ -4,7 +4,8 @@
 #
 # Layout: the weights follow Hugging Face's rotate-half RoPE layout, so HF checkpoints load as they are and
 # Meta / llama2.c checkpoints get their wq / wk rows permuted once on load (loading.py).
-# Caching, and serving many adapters in one batch, live in serving.py: here a fine-tuning run has one adapter.
+# Every tensor here is the paper's: a fine-tuning run attaches one adapter (adapters.py); serving many adapters in
+# one batch wraps this model from outside (serving.py).
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .serving import Cache, KVCache, Prompt, Vectors, make_vectors, read_prompt
+from .cache import KVCache
 
 
 @dataclass
@@ -60,10 +61,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # x / sqrt(mean(x^2) + eps) in fp32, rounded to x's dtype before the weight, exactly as Hugging Face does
-        # (so bf16 models agree with it). F.rms_norm computes in fp32 inside for a bf16 or fp16 x, and on a GPU
-        # recent PyTorch runs it as one fused kernel where the formula written out takes seven (the norm runs twice
-        # per layer at every decoded token); Hugging Face's fp32 holds for float64 too, hence that one cast.
+        # x / sqrt(mean(x^2) + eps) in fp32 (float64 too), rounded to x's dtype before the weight, exactly as Hugging
+        # Face does; F.rms_norm computes in fp32 inside for bf16 / fp16, in one fused kernel on a GPU
         h = x.float() if x.dtype == torch.float64 else x
         return self.weight * F.rms_norm(h, x.shape[-1:], eps=self.eps).to(x.dtype)
 
@@ -82,12 +81,12 @@ def rope(positions, head_dim: int, theta: float):
 
 def apply_rope(x, cos, sin):
     # x: [B, H, T, hd]; rotate-half pairs channel i with i + hd/2 (the Hugging Face layout) and turns each pair by
-    # its angle: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + (x2, x1) * sin, with sin signed as rope()
-    # gives it; in fp32 at least. Four kernels (roll, mul, mul, add) where x * cos + cat(-x2, x1) * sin takes five,
-    # for Q and K at every layer and every decoded token. (addcmul would save one more, but rounds differently.)
-    h = x.to(torch.promote_types(x.dtype, torch.float32))
-    swapped = h.roll(h.shape[-1] // 2, dims=-1)  # (x2, x1)
-    return (h * cos[:, None] + swapped * sin[:, None]).to(x.dtype)  # cos, sin broadcast over heads
+    # its angle: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + (x2, x1) * sin, sin signed as rope() gives.
+    # In x's dtype, as Hugging Face does: in bf16 / fp16 cos and sin are rounded first, then each product and the sum
+    # (computing in fp32 and rounding once would differ from it in the last bit)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1); x2 * -sin is exactly -(x2 * sin)
+    return x * cos[:, None] + swapped * sin[:, None]  # cos, sin broadcast over heads
 
 
 # --------------------------------------------------------------------------------------------------- attention
@@ -101,23 +100,28 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, l: Vectors, cache: Optional[KVCache] = None, start: int = 0):
-        # l: this layer's vectors, made from the prompt (Block.forward); l["q"] is l_q, and so on
+    def forward(self, x, cos, sin, mask, l: dict, cache: Optional[KVCache] = None, layer: int = 0):
+        # l: this layer's vectors, made from the prompt (Block.forward): l["q"] is l_q [B, 1, n_heads * head_dim]
         B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)  # Eq. (1): Q = xW^Q, K = xW^K, V = xW^V
-        q, k, v = l.add("q", x, q), l.add("k", x, k), l.add("v", x, v)  # the baselines' LoRA / BitFit terms
-        q, k, v = l["q"] * q, l["k"] * k, l["v"] * v  # Eq. (4): Q' = l_q * Q, V' = l_v * V (l_k: PARADE-3)
+        q = l["q"] * q if "q" in l else q  # Eq. (4): Q' = l_q * Q
+        k = l["k"] * k if "k" in l else k  # K' = l_k * K (PARADE-3)
+        v = l["v"] * v if "v" in l else v  # Eq. (4): V' = l_v * V
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, n_heads, T, head_dim]
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, n_kv_heads, T, head_dim]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # PARA scales Q before RoPE (DESIGN.md)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # PARA scales Q before RoPE (README, decision 6)
         if cache is not None:
-            k, v = cache.update(start, k, v)  # [B, n_kv_heads, start + T, head_dim]
+            k, v = cache.update(layer, k, v)  # [B, n_kv_heads, cached positions, head_dim]
+        if T == 1 and mask is not None and self.n_kv_heads != self.n_heads:
+            # one new token under a mask (a padded batch): each KV head's query heads as the rows of one attention, as
+            # Hugging Face lays them out there (SDPA's CPU kernel rounds the two layouts differently)
+            q = q.view(B, self.n_kv_heads, -1, self.head_dim)  # [B, n_kv_heads, n_heads / n_kv_heads, head_dim]
         # Eq. (1) / (4): softmax(Q'K^T / sqrt(head_dim)) V'; each KV head serves n_heads / n_kv_heads query heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
-        out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, n_heads * head_dim]
-        return l("o", out, self.wo(out))  # the baselines may touch W^O; PARA does not
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        out = out.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)  # [B, T, n_heads * hd]
+        return self.wo(out)
 
 
 # --------------------------------------------------------------------------------------------------------- FFN
@@ -129,51 +133,14 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # W^U, the Up
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # W^D, the Down
 
-    def forward(self, x, l: Vectors):
-        G, U = l.add("g", x, self.w1(x)), l.add("u", x, self.w3(x))  # G = xW^G, U = xW^U (+ the baselines' terms)
-        G, U = l["g"] * G, l["u"] * U  # Eq. (5): U' = l_u * U (G' = l_g * G: PARADE-3)
-        h = F.silu(G) * U  # Eq. (2): (g(G) * U) W^D
-        return l("d", h, self.w2(h))
+    def forward(self, x, l: dict):
+        G, U = self.w1(x), self.w3(x)  # G = xW^G, U = xW^U
+        G = l["g"] * G if "g" in l else G  # G' = l_g * G (PARADE-3)
+        U = l["u"] * U if "u" in l else U  # Eq. (5): U' = l_u * U
+        return self.w2(F.silu(G) * U)  # Eq. (2): (g(G) * U) W^D
 
 
 # ------------------------------------------------------------------------------------------------ PARA / PARADE
-
-# The seven projections an adapter can touch. q, k, v, g, u are the paper's Query, Key, Value, Gate and Up;
-# o and d are the attention output and FFN Down projections (LoRA and BitFit may use them).
-SITES = ("q", "k", "v", "o", "g", "u", "d")
-LINEARS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
-           "g": "feed_forward.w1", "u": "feed_forward.w3", "d": "feed_forward.w2"}  # each site's module in a Block
-DEFAULT_TARGETS = {"para": ("q", "v", "u"), "ia3": ("k", "v", "u"), "lora": SITES, "bitfit": SITES}
-
-
-@dataclass
-class AdapterConfig:
-    method: str = "para"  # para | lora | ia3 | bitfit
-    targets: tuple = ()  # empty: the method's default (DEFAULT_TARGETS)
-    r: int = 0  # PARA: the vector generator's bottleneck (default 12); LoRA: the rank (default 4)
-    pooler: str = "capsule"  # PARA: capsule (PARADE) | last (PARA, PARADE-1) | routing (PARADE-2) | mean
-    K: int = 4  # PARA: number of output capsules
-    alpha: float = 8.0  # LoRA: the update is scaled by alpha / r
-    proj: int = 0  # (IA)^3, BitFit: > 0 makes the vectors from a learned proj-dim vector (paper, Section 4.1)
-
-    def __post_init__(self):
-        if self.method not in DEFAULT_TARGETS:
-            raise ValueError(f"unknown adapter method {self.method!r}; choose one of {sorted(DEFAULT_TARGETS)}")
-        targets = tuple(self.targets or DEFAULT_TARGETS[self.method])
-        if set(targets) - set(SITES):
-            raise ValueError(f"adapter targets must be a subset of {SITES}, got {targets}")
-        self.targets = tuple(t for t in SITES if t in targets)  # one canonical order: the order of the file's rows
-        self.r = self.r or {"para": 12, "lora": 4}.get(self.method, 0)
-        if self.proj < 0 or (self.proj and self.method not in ("ia3", "bitfit")):
-            raise ValueError(f"proj={self.proj}: only (IA)^3 and BitFit take a projection, and it must be >= 0")
-        if self.method == "para":
-            if self.pooler not in ("capsule", "last", "routing", "mean"):
-                raise ValueError(f"unknown pooler {self.pooler!r}; choose capsule, last, routing or mean")
-            if "o" in self.targets or "d" in self.targets:
-                raise ValueError("PARA adjusts q, k, v, g and u only (the paper's Query, Key, Value, Gate, Up)")
-            if self.pooler in ("capsule", "routing") and self.r % self.K:
-                raise ValueError(f"the capsule pooler splits r={self.r} into K={self.K} capsules: r % K must be 0")
-
 
 def site_dims(args: ModelArgs) -> dict:
     """(input width, output width) of each projection."""
@@ -193,7 +160,7 @@ class VectorGenerator(nn.Module):
     At initialisation W_up = 0 and b_up = 1, so every vector is ones and the model is exactly the base model.
     """
 
-    def __init__(self, args: ModelArgs, cfg: AdapterConfig):
+    def __init__(self, args: ModelArgs, cfg):  # cfg: adapters.AdapterConfig (targets, r, pooler, K)
         super().__init__()
         self.targets, self.pooler = cfg.targets, cfg.pooler
         self.sizes = [site_dims(args)[t][1] for t in cfg.targets]  # d_out = dim(q) + dim(v) + d_ffn
@@ -206,8 +173,8 @@ class VectorGenerator(nn.Module):
             self.pool = CapsulePooler(cfg.r, cfg.K, attentional=cfg.pooler == "capsule")
 
     def forward(self, h, mask):
-        # h: the attention RMSNorm output of the layer [B, T, dim] (DESIGN 1); mask: [B, T] prompt tokens.
-        # The weights broadcast over the batch; a batch mixing tenants gives each row its own (serving.py).
+        # h: the attention RMSNorm output [B, T, dim] (README, decision 1); mask: [B, T] True at prompt tokens.
+        # Written so that the weights may also carry a leading batch axis, one per row (serving.py stacks them).
         W_down, W_up, b_up = self.down.weight, self.up.weight, self.up.bias
         h_prime = h.to(W_down.dtype) @ W_down.mT  # Eq. (6): h' = h W_down                         [B, T, r]
         if self.pooler in ("capsule", "routing"):
@@ -247,7 +214,7 @@ class CapsulePooler(nn.Module):
         else:
             logits = h_prime.new_zeros(h_prime.shape[0], m.shape[1], h_prime.shape[1])
         c = self.capsules(logits, m, mask)
-        logits = logits + (m @ c[..., None]).squeeze(-1)  # Eq. (10): m_jk <- m_jk + c_k . m_{j->k} (DESIGN 2)
+        logits = logits + (m @ c[..., None]).squeeze(-1)  # Eq. (10): m_jk += c_k . m_{j->k} (README, decision 2)
         c = self.capsules(logits, m, mask)
         return c.flatten(1)  # [c_1, ..., c_K] concatenated: [B, r]
 
@@ -273,17 +240,17 @@ class Block(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
-        self.adapters = nn.ModuleDict()  # bank name -> one VectorGenerator / IA3 / LoRA / BitFit per tenant
+        self.vg = None  # PARA's vector generator, once an adapter is attached (adapters.add_adapter)
 
-    def forward(self, x, cos, sin, mask, prompt: Optional[Prompt], cache: Optional[KVCache] = None, start=0):
+    def forward(self, x, cos, sin, mask, prompt_mask=None, cache: Optional[KVCache] = None, layer: int = 0):
         h = self.attention_norm(x)
-        if prompt is None:
-            l = cache.vectors  # decoding: the vectors were made at prefill; the VG is not called again
+        if cache is not None and prompt_mask is None:
+            l = cache.l[layer]  # decoding (or a prefill without PARA): the vectors made at the prefill
         else:
-            l = make_vectors(self.adapters, h, prompt)  # Eq. (3): the VG reads the prompt's h at this layer
+            l = {} if self.vg is None else self.vg(h, prompt_mask)  # Eq. (3): the VG reads the prompt's h
             if cache is not None:
-                cache.vectors = l
-        x = x + self.attention(h, cos, sin, mask, l, cache, start)
+                cache.l[layer] = l
+        x = x + self.attention(h, cos, sin, mask, l, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x), l)
 
 
@@ -295,113 +262,128 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.tenants = {}  # adapter name -> (bank name, slot); filled by para_mini.adapters
+        self.adapter = None  # the attached adapter's settings (adapters.add_adapter), if any
         self.checkpointing = False  # recompute each block in the backward pass to save activation memory
 
-    def forward(self, tokens, prompt_lens=None, pad=None, cache: Optional[Cache] = None, adapters=None,
-                logits_at=None):
-        """tokens [B, T] -> logits [B, T, vocab].
-
-        prompt_lens: [B] prompt tokens per row, after any left padding (PARA pools only these; needed with PARA).
-        pad: [B] left-padding per row (batched prompts of different lengths); None: no left padding.
-        cache: from new_cache(); the first call is the prefill, each later call appends tokens.
-        adapters: the adapter name of each row (None: the base model); None: the one attached adapter, if any.
-        logits_at: only these positions get logits, as the [B, T, dim] x [dim, vocab] head is the largest single
-            product of a short sequence: an index or slice along T (generation's prefill: slice(-1, None) ->
-            [B, 1, vocab]) or a bool mask [B, T] (training: the response tokens -> [N, vocab], row by row).
-        """
-        start = 0 if cache is None else cache.pos
-        if cache is not None:
-            if start == 0:  # the prefill sets each row's left padding for the cache's life
-                cache.pad = None if pad is None else pad.to(tokens.device)
-            pad = cache.pad
-        cos, sin, mask = self.positions(tokens.shape, start, pad, tokens.device)
-        # at the prefill: which tokens PARA pools (the prompt's only) and which adapter each row uses
-        prompt = read_prompt(self, tokens.shape, prompt_lens, pad, adapters) if start == 0 else None
+    def forward(self, tokens, prompt_lens=None, pad=None, cache: Optional[KVCache] = None, logits_at=None):
+        """tokens [B, T] -> logits [B, T, vocab]. prompt_lens [B]: each row's prompt tokens after its left padding
+        (PARA pools only these). pad [B]: left padding per row (None: none). cache: from new_cache(); the first call
+        is the prefill, later calls append tokens. logits_at: only these positions get logits (the head is the
+        largest product of a short sequence): a slice along T (prefill: slice(-1, None)) or a bool mask [B, T]
+        (training: the response tokens -> [N, vocab])."""
+        B, T = tokens.shape
+        static = cache is not None and cache.static  # fast.py's step: whole buffers read, every shape fixed
+        prefill = cache is None or (not static and cache.n == 0)
+        if cache is None:
+            input_pos, end = torch.arange(T, device=tokens.device), T
+        else:
+            if prefill:
+                cache.start(pad, B)
+            input_pos = cache.pos + torch.arange(T, device=tokens.device)  # where these tokens go in the buffer
+            end = None if static else cache.n + T
+            pad = cache.pad[:B] if static or cache.padded else None
+            cache.input_pos, cache.end = input_pos, end
+        # a mask where keys must be hidden: a static step's unwritten positions, or a chunk of several new tokens
+        masked = static or not (prefill or T == 1)
+        cos, sin, mask = self.positions(input_pos, pad, cache.k.shape[3] if static else end, masked)
+        prompt_mask = self.prompt_mask(T, prompt_lens, pad) if prefill else None
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            c = None if cache is None else cache.layers[i]
             if self.checkpointing and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, prompt, c, start,
-                                                      use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, prompt_mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, prompt, c, start)
+                h = layer(h, cos, sin, mask, prompt_mask, cache, i)
         if cache is not None:
-            cache.pos += tokens.shape[1]
+            cache.pos += T
+            if not static:  # a static step is counted by its caller: a replayed graph runs no Python
+                cache.n += T
         if logits_at is not None:  # select before the norm: it is per position, so the result is the same
             h = h[logits_at] if isinstance(logits_at, torch.Tensor) else h[:, logits_at]
         return self.output(self.norm(h))
 
-    def positions(self, shape, start: int, pad, device):
-        """RoPE's cos, sin at each token's position, and the attention mask (None: plain causal)."""
-        B, T = shape
-        idx = start + torch.arange(T, device=device)  # position in the sequence buffer
-        positions = idx[None].expand(B, T) if pad is None else (idx[None] - pad[:, None]).clamp(min=0)
+    def positions(self, input_pos, pad, n_keys: int, masked: bool):
+        """RoPE's cos, sin at each token's position (after its row's left padding), and the attention mask over
+        n_keys cached positions (None, where `masked` is False and no row is padded: plain causal)."""
+        positions = input_pos[None] if pad is None else (input_pos[None] - pad[:, None]).clamp(min=0)  # [B or 1, T]
         cos, sin = rope(positions, self.args.head_dim, self.args.rope_theta)
-        if pad is None and (start == 0 or T == 1):  # no padding: a prompt is plain causal, a new token sees all
+        if pad is None and not masked:
             return cos, sin, None
-        keys = torch.arange(start + T, device=device)
-        first = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad
-        mask = (keys[None, None] <= idx[None, :, None]) & (keys[None, None] >= first[:, None, None])
-        return cos, sin, (mask | (keys[None, None] == idx[None, :, None]))[:, None]  # padding sees itself: no 0/0
+        keys, query = torch.arange(n_keys, device=input_pos.device), input_pos[None, :, None]  # [n_keys], [1, T, 1]
+        first = 0 if pad is None else pad[:, None, None]  # each row's first real token
+        mask = (keys <= query) & (keys >= first)  # causal, and never a padding token                  [B, T, n_keys]
+        return cos, sin, (mask | (keys == query))[:, None]  # padding sees itself: no 0 / 0 in its softmax
 
-    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> Cache:
+    def prompt_mask(self, T: int, prompt_lens, pad):
+        """[B, T] True at the tokens PARA pools: each row's prompt, after its left padding."""
+        if prompt_lens is None:
+            if any(layer.vg is not None for layer in self.layers):
+                raise ValueError("PARA pools the prompt: pass prompt_lens, each row's prompt length, so that the "
+                                 "response and padding never enter the vector generator")
+            return None
+        t, first = torch.arange(T, device=self.output.weight.device), 0 if pad is None else pad[:, None]
+        lens = torch.as_tensor(prompt_lens, device=t.device)[:, None]
+        if (lens < 1).any() or (first + lens > T).any():
+            raise ValueError(f"prompt_lens {lens.flatten().tolist()} must be >= 1 and fit in {T} tokens after padding")
+        return (t >= first) & (t < first + lens)
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         a, p = self.args, self.output.weight
-        max_len = max_len or a.max_seq_len
-        layers = [KVCache(batch_size, max_len, a.n_kv_heads, a.head_dim, p.dtype, p.device) for _ in self.layers]
-        return Cache(layers, pad=None)
+        return KVCache(a.n_layers, batch_size, max_len or a.max_seq_len, a.n_kv_heads, a.head_dim, p.dtype, p.device)
 
 
 # ------------------------------------------------------------------------- the baselines, side by side with PARA
+# Each wraps a projection as PEFT does, sharing its frozen weight W, so that Attention and FeedForward call it as an
+# nn.Linear. The learned tensors are kept in fp32 and used in the activations' dtype.
 
-class IA3(nn.Module):
-    """(IA)^3: one learned vector per target, the same for every prompt (PARA with W_up = 0, b_up = the vector).
+class LoRALinear(nn.Linear):
+    """LoRA: y = W x + (alpha / r) B A x, unmerged (adapters.merge_lora folds B A into W)."""
 
-    Scaling U is the original's scaling of the FFN intermediate: (g(G) * U * l) W^D = (g(G) * (l * U)) W^D.
-    With cfg.proj > 0, the paper's variant that gives the vectors a budget like the other methods' (Section 4.1):
-    each is made from a learned proj-dim vector z through a learned projection, fill + z W_proj (z starts at 0).
-    """
-    fill = 1.0  # the identity of a scale
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight, self.scaling = base.weight, alpha / r  # W: the frozen weight itself, not a copy
+        self.A = nn.Parameter(torch.empty(r, base.in_features))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))  # B = 0: at initialisation, the base model
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as PEFT and the LoRA paper's code do
 
-    def __init__(self, args: ModelArgs, cfg: AdapterConfig):
+    def forward(self, x):
+        return super().forward(x) + (x @ self.A.to(x.dtype).mT) @ (self.B.to(x.dtype) * self.scaling).mT
+
+
+class LearnedVector(nn.Module):
+    """(IA)^3's and BitFit's learned vector, starting at `fill`. With proj > 0, the paper's variant that gives the
+    vectors a budget like the other methods' (Section 4.1): fill + z W_proj, from a learned proj-dim z (from 0)."""
+
+    def __init__(self, size: int, proj: int, fill: float):
         super().__init__()
-        dims = site_dims(args)
-        if cfg.proj:
-            self.z = nn.ParameterDict({t: nn.Parameter(torch.zeros(cfg.proj)) for t in cfg.targets})
-            self.proj = nn.ParameterDict({t: nn.Parameter(torch.randn(cfg.proj, dims[t][1]) * 0.02)
-                                          for t in cfg.targets})
+        self.fill, self.z, self.proj = fill, None, None
+        if proj:
+            self.z = nn.Parameter(torch.zeros(proj))
+            self.proj = nn.Parameter(torch.randn(proj, size) * 0.02)
         else:
-            self.vectors = nn.ParameterDict({t: nn.Parameter(torch.full((dims[t][1],), self.fill))
-                                             for t in cfg.targets})
+            self.vector = nn.Parameter(torch.full((size,), fill))
 
-    def forward(self, h=None, mask=None):
-        """site -> the learned vector [1, d_out], whatever the prompt ([B, 1, d_out]: each row's own)."""
-        if hasattr(self, "vectors"):
-            return {site: v.unsqueeze(-2) for site, v in self.vectors.items()}
-        return {site: self.fill + z.unsqueeze(-2) @ self.proj[site] for site, z in self.z.items()}
+    def forward(self):
+        return self.vector if self.proj is None else self.fill + self.z[None] @ self.proj  # [size] or [1, size]
 
 
-class BitFit(IA3):
-    """BitFit-style learned biases on the chosen projections (LLaMA-2 has none of its own): made as (IA)^3's
-    vectors are, but starting at 0 and added to the projection rather than multiplied (serving.make_vectors)."""
-    fill = 0.0  # the identity of a bias
+class IA3Linear(nn.Linear):
+    """(IA)^3: y = l * (W x), a learned vector l per projection, the same for every prompt: PARA with W_up = 0 and
+    b_up = l. Scaling U is the original's scaling of the FFN intermediate: (g(G) * (l * U)) W^D."""
+
+    def __init__(self, base: nn.Linear, proj: int = 0):
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight, self.l = base.weight, LearnedVector(base.out_features, proj, fill=1.0)
+
+    def forward(self, x):
+        return self.l().to(x.dtype) * super().forward(x)
 
 
-class LoRA(nn.Module):
-    """LoRA: y = xW + (alpha / r) x A^T B^T, unmerged, so each row of a batch can carry its own A and B."""
+class BitFitLinear(nn.Linear):
+    """BitFit-style learned biases (LLaMA-2 has none of its own): y = W x + b."""
 
-    def __init__(self, args: ModelArgs, cfg: AdapterConfig):
-        super().__init__()
-        dims = site_dims(args)
-        self.scaling = cfg.alpha / cfg.r
-        self.A = nn.ParameterDict({t: nn.Parameter(torch.empty(cfg.r, dims[t][0])) for t in cfg.targets})
-        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(dims[t][1], cfg.r)) for t in cfg.targets})
-        for A in self.A.values():
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT and the LoRA paper's code do
+    def __init__(self, base: nn.Linear, proj: int = 0):
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight, self.b = base.weight, LearnedVector(base.out_features, proj, fill=0.0)
 
-    def forward(self, h, mask=None):
-        # site -> (A, alpha / r * B) in the activations' dtype, for y + x A^T B^T (serving.Vectors.add)
-        return {site: (self.A[site].to(h.dtype), self.B[site].to(h.dtype) * self.scaling) for site in self.A}
-
-
-METHODS = {"para": VectorGenerator, "ia3": IA3, "lora": LoRA, "bitfit": BitFit}
+    def forward(self, x):
+        return super().forward(x) + self.b().to(x.dtype)

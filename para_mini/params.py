@@ -2,7 +2,8 @@
 import argparse
 
 from .adapters import count_parameters
-from .model import AdapterConfig, ModelArgs
+from .adapters import AdapterConfig
+from .model import ModelArgs
 
 PRESETS = {  # Meta's params.json of each release
     "7b": ModelArgs(),

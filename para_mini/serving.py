@@ -1,175 +1,196 @@
-# What model.py needs only to cache and to serve many adapters at once: the per-row vectors a sequence carries,
-# the KV cache they live in, and which adapter ("tenant") each row of a batch uses.
+# Serving many adapters ("tenants") from one backbone, each row of a batch with its own.
 #
-# Adapters with the same settings share one "bank" (an nn.ModuleList with one module per tenant). A single
-# fine-tuning run is a bank of one, called as it is. A batch that mixes tenants stacks each row's own weights and runs
-# the bank's first module with them in place of its parameters, so the equations in model.py never see tenants.
-from dataclasses import dataclass, field
-from typing import Optional
+# model.py carries one adapter at most and computes on plain tensors. Here every tenant is kept as its own adapter
+# modules (adapters.new_adapter: a vector generator per block, or wrappers around the model's shared projections),
+# and a batch installs into the model, for as long as it runs:
+#   - where every row uses the same tenant, that tenant's modules as they are: exactly the fine-tuned model;
+#   - where rows differ, "row" versions of the modules, holding each row's own tenant's tensors stacked [B, ...]:
+#     RowVectors runs each PARA setting's vector generator with every row's own weights (torch.func.functional_call)
+#     and RowLinear adds each row's LoRA / BitFit term and (IA)^3 scale; rows of other adapters get the identity
+#     (a vector of ones, a zero term), so every row computes what it computes alone.
+# The model sees projections and a vector generator that return plain tensors; it never learns what a tenant is.
+import json
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-
-class One(float):
-    """l for a projection no adapter scales: l * y is y itself, without a multiply. A float 1.0 so that
-    torch.compile, which does not call __mul__, can trace it too (there it multiplies by 1.0: exact, and fused)."""
-
-    def __new__(cls):
-        return super().__new__(cls, 1.0)
-
-    def __mul__(self, y):
-        return y
+from .adapters import LINEARS, SITES, AdapterConfig, attach, block_state, check_adapter, new_adapter, read_adapter
 
 
-ONE = One()
+class RowLinear(nn.Linear):
+    """A projection whose rows each carry their own tenant's terms: y = s * (W x + sum of x A^T B^T + b), where A, B
+    (alpha / r folded in), s and b are [B, ...], one per row (B = 0, s = 1, b = 0 on rows without that adapter)."""
 
+    def __init__(self, base: nn.Linear, lora: list, shift, scale):
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight, self.lora, self.shift, self.scale = base.weight, lora, shift, scale
 
-class Vectors:
-    """One layer's vectors for each row of a batch, made once per prompt and kept with the KV cache (Eq. 3):
-    l["q"], l["v"], l["u"] are PARA's l_q, l_v, l_u (or (IA)^3's vectors); ONE where nothing scales a projection.
-    The baselines' additive terms ride along: LoRA's x A^T B^T and BitFit's b, applied by add().
-    A tensor is [B, ...] with one entry per row (3-D), or shared by every row (no row dimension, or B = 1).
-    """
-
-    def __init__(self):
-        self.l = {}  # site -> [B, 1, d_out] or shared [1, d_out]
-        self.b = {}  # site -> BitFit's bias, shaped like l
-        self.lora = {}  # site -> [(A [B, r, d_in], B [B, d_out, r]), ...] or shared 2-D, alpha / r folded into B
-
-    def __getitem__(self, site):
-        return self.l.get(site, ONE)
-
-    def add(self, site, x, y):
-        """y = xW plus the baselines' terms: y + x A^T B^T (LoRA) + b (BitFit)."""
-        for A, B in self.lora.get(site, ()):
+    def forward(self, x):
+        y = super().forward(x)
+        for A, B in self.lora:  # one (A, B) per LoRA setting in the batch
             y = y + (x @ A.mT) @ B.mT
-        return y + self.b[site] if site in self.b else y
+        y = y if self.shift is None else y + self.shift
+        return y if self.scale is None else self.scale * y
 
-    def __call__(self, site, x, y):
-        """Everything the adapters do to projection `site`'s output y = xW: (y + x A^T B^T + b) * l."""
-        return self[site] * self.add(site, x, y)
-
-    def reorder(self, index):
-        """Keep the rows `index` (beam search reorders hypotheses; the KV cache moves with them)."""
-        pick = lambda t: t.index_select(0, index) if t.dim() == 3 and t.shape[0] > 1 else t  # 1 row: broadcasts
-        self.l = {s: pick(t) for s, t in self.l.items()}
-        self.b = {s: pick(t) for s, t in self.b.items()}
-        self.lora = {s: [(pick(A), pick(B)) for A, B in ab] for s, ab in self.lora.items()}
+    def tensors(self) -> list:
+        return [t for pair in self.lora for t in pair] + [t for t in (self.shift, self.scale) if t is not None]
 
 
-@dataclass
-class Prompt:
-    mask: Optional[torch.Tensor]  # [B, T] True at the prompt tokens PARA pools
-    slots: dict = field(default_factory=dict)  # bank name -> the tenant of every row, or a list: each row's (-1: none)
+class RowVectors(nn.Module):
+    """In place of Block.vg: every row's l_q, l_v, l_u from its own tenant's vector generator (ones elsewhere)."""
 
-
-def make_vectors(banks: nn.ModuleDict, h, prompt: Prompt) -> Vectors:
-    """Run every bank the batch uses on the prompt's hidden states h [B, T, dim]: one layer's Vectors."""
-    vectors = Vectors()
-    for name, slots in prompt.slots.items():
-        bank = banks[name]
-        if isinstance(slots, int):  # one adapter for every row: its module of model.py as it is
-            out, slots = bank[slots](h, prompt.mask), None
-        else:  # each row its own tenant's weights, [B, ...], in place of the first module's parameters
-            out = functional_call(bank[0], tenant_rows(bank, slots), (h, prompt.mask))
-            slots = torch.tensor(slots, device=h.device)
-        for site, t in out.items():
-            if bank.config.method == "lora":
-                A, B = t
-                vectors.lora.setdefault(site, []).append((A, identity_rows(B, slots, 0.0)))
-            elif bank.config.method == "bitfit":
-                b = identity_rows(t.to(h.dtype), slots, 0.0)
-                vectors.b[site] = vectors.b[site] + b if site in vectors.b else b
-            else:  # PARA's and (IA)^3's vectors; rows of two banks multiply (each is 1 where its bank is unused)
-                l = identity_rows(t.to(h.dtype), slots, 1.0)
-                vectors.l[site] = vectors.l[site] * l if site in vectors.l else l
-    return vectors
-
-
-def tenant_rows(bank: nn.ModuleList, slots: list) -> dict:
-    """Each parameter of the bank with each row's own tenant's tensor, stacked [B, ...] (rows outside the bank take
-    tenant 0; identity_rows then restores the identity there)."""
-    tenants = {s: dict(bank[max(s, 0)].named_parameters()) for s in set(slots)}
-    return {name: torch.stack([tenants[s][name] for s in slots]) for name in tenants[slots[0]]}
-
-
-def identity_rows(t, slots, identity: float):
-    """t [B, ...] with `identity` at the rows that use no tenant of this bank (slot -1)."""
-    if slots is None:
-        return t  # every row is the bank's one tenant
-    return t.masked_fill((slots < 0).view(-1, *[1] * (t.dim() - 1)), identity)
-
-
-def read_prompt(model, shape, prompt_lens, pad, adapters) -> Prompt:
-    """Which tokens PARA pools (each row's prompt, after its left padding), and which adapter each row uses."""
-    B, T = shape
-    device = model.output.weight.device
-    slots = resolve_slots(model.tenants, adapters, B)
-    if prompt_lens is None:
-        if any(model.layers[0].adapters[b].config.method == "para" for b in slots):
-            raise ValueError("PARA pools the prompt: pass prompt_lens, each row's prompt length, so that the "
-                             "response and padding never enter the vector generator")
-        return Prompt(None, slots)
-    t = torch.arange(T, device=device)[None]
-    first = torch.zeros(B, 1, dtype=torch.long, device=device) if pad is None else pad[:, None].to(device)
-    prompt_lens = torch.as_tensor(prompt_lens, device=device)
-    if (prompt_lens < 1).any() or (first[:, 0] + prompt_lens > T).any():
-        raise ValueError(f"prompt_lens {prompt_lens.tolist()} must be >= 1 and fit in {T} tokens after padding")
-    return Prompt((t >= first) & (t < first + prompt_lens[:, None]), slots)
-
-
-def resolve_slots(tenants: dict, adapters, B: int) -> dict:
-    """Which tenant of which bank each row uses. tenants: adapter name -> (bank, slot); adapters: a name per row."""
-    if adapters is None:
-        if len(tenants) > 1:
-            raise ValueError(f"{len(tenants)} adapters are attached ({', '.join(tenants)}): "
-                             "pass adapters=[name or None per row]")
-        return {bank: slot for bank, slot in tenants.values()}  # the single adapter, shared by every row
-    if len(adapters) != B:
-        raise ValueError(f"adapters names {len(adapters)} rows, the batch has {B}")
-    unknown = sorted({a for a in adapters if a is not None and a not in tenants})
-    if unknown:
-        raise KeyError(f"unknown adapter(s) {unknown}; attached: {sorted(tenants) or 'none'}")
-    slots = {}
-    for row, name in enumerate(adapters):
-        if name is not None:
-            bank, slot = tenants[name]
-            slots.setdefault(bank, [-1] * B)[row] = slot
-    return {bank: s[0] if len(set(s)) == 1 and s[0] >= 0 else s for bank, s in slots.items()}
-
-
-class KVCache(nn.Module):
-    """One layer's keys and values, preallocated for max_len positions, plus the layer's Vectors."""
-
-    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+    def __init__(self, groups: list):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.vectors: Optional[Vectors] = None  # made at prefill, reused at every decoded token
+        self.groups = groups  # per PARA setting: (a vector generator of it, its parameters stacked per row, rows)
 
-    def update(self, start: int, k, v):
-        end = start + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"the KV cache holds {self.k.shape[2]} positions; position {end} was asked for")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def forward(self, h, mask):
+        out = {}
+        for vg, params, rows in self.groups:
+            for site, l in functional_call(vg, params, (h, mask)).items():
+                l = l.masked_fill(~rows[:, None, None], 1.0)  # rows of other adapters: the identity
+                out[site] = out[site] * l if site in out else l
+        return out
+
+    def tensors(self) -> list:
+        return [t for _, params, rows in self.groups for t in [*params.values(), rows]]
 
 
-class Cache:
-    """The model's cache: a KVCache per layer, each row's left padding (None: no row is padded, so decoding needs
-    no attention mask), and how many positions are filled."""
+class Tenants:
+    """Adapters by name for one base model (which carries none of its own), used by the rows that name them."""
 
-    def __init__(self, layers, pad):
-        self.layers, self.pad, self.pos = layers, pad, 0
+    def __init__(self, model):
+        if model.adapter is not None:
+            raise ValueError("tenants share a bare base model: this one carries an adapter of its own")
+        self.model, self.adapters, self.kept = model, {}, {}  # kept: a mixed batch's row modules, by its rows' settings
+        self.active = False  # a batch's adapters are installed in the model
+        model.tenants = self  # so that adapters.merge_lora refuses to change the backbone they share
+        self.base = [{site: block.get_submodule(LINEARS[site]) for site in SITES} for block in model.layers]
 
-    def reorder(self, index):
-        if self.pos == 0:
-            raise ValueError("reorder a cache after its prefill: before it there is nothing to reorder")
-        for c in self.layers:
-            c.k, c.v = c.k.index_select(0, index), c.v.index_select(0, index)
-            c.vectors.reorder(index)
-        self.pad = None if self.pad is None else self.pad.index_select(0, index)
+    def add(self, name: str, cfg: AdapterConfig, tensors: dict = None) -> str:
+        """A tenant with the adapter's tensors by file name (None: freshly initialised)."""
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        if self.active:  # its wrappers must wrap the model's own projections, not a batch's
+            raise ValueError("add adapters between batches, not inside tenants.rows()")
+        device = self.model.output.weight.device
+        self.adapters[name] = (cfg, [{k: m.to(device) for k, m in new_adapter(self.model.args, cfg, b).items()}
+                                     for b in self.model.layers])
+        with torch.no_grad():
+            for k, p in self.state(name).items():
+                p.requires_grad_(False)
+                if tensors is not None:
+                    p.copy_(tensors[k])
+        return name
+
+    def load(self, path, name: str = None) -> str:
+        """Read an adapter file (checked against the model) as tenant `name` (default: the file's stem)."""
+        cfg, base, tensors = read_adapter(path)
+        check_adapter(self.model.args, path, cfg, base, tensors)
+        return self.add(name or Path(path).stem, cfg, tensors)
+
+    def remove(self, name: str):
+        del self.adapters[name]
+        self.kept.clear()  # row modules holding its tensors
+
+    def state(self, name: str) -> dict:
+        """The tenant's tensors under their file names (as adapters.adapter_state gives a model's)."""
+        cfg, modules = self.adapters[name]
+        return {f"layers.{i}.{k}": p for i, m in enumerate(modules) for k, p in block_state(m, cfg).items()}
+
+    def __contains__(self, name):
+        return name in self.adapters
+
+    def __iter__(self):
+        return iter(self.adapters)
+
+    def __len__(self):
+        return len(self.adapters)
+
+    @contextmanager
+    def rows(self, names: list):
+        """The model's forward passes inside run each row b with the adapter names[b] (None: the base model)."""
+        unknown = sorted({n for n in names if n is not None and n not in self.adapters})
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.adapters) or 'none'}")
+        if self.model.adapter is not None:
+            raise ValueError("tenants share a bare base model: an adapter was attached to it since")
+        used = set(names)
+        if used == {None}:
+            installed = None
+        elif len(used) == 1:  # one adapter for every row: its own modules, exactly as it was fine-tuned
+            installed = self.adapters[names[0]][1]
+        else:
+            installed = self.mixed(names)
+        try:
+            self.active = True
+            for block, modules in zip(self.model.layers, installed or ()):
+                attach(block, modules)
+            yield
+        finally:
+            self.active = False
+            for block, base in zip(self.model.layers, self.base):
+                attach(block, {"vg": None, **base})
+
+    def mixed(self, names: list) -> list:
+        """Each block's row modules for a batch whose rows use these adapters. Their structure depends only on which
+        adapter settings the batch holds; those of an earlier batch with the same are refilled in place, so that a
+        captured decoding step reads the new rows' tensors where it reads them."""
+        settings = [None if n is None else self.adapters[n][0] for n in names]
+        key = (len(names), sorted({json.dumps(asdict(s)) for s in settings if s is not None}))
+        key = json.dumps(key)
+        fresh = [self.block_rows(i, names, settings) for i in range(len(self.model.layers))]
+        if key in self.kept:
+            with torch.no_grad():
+                for mine, new in zip(self.kept[key], fresh):
+                    for k in mine:
+                        for t, u in zip(mine[k].tensors(), new[k].tensors()):
+                            t.copy_(u)
+            return self.kept[key]
+        self.kept[key] = fresh
+        return fresh
+
+    def block_rows(self, i: int, names: list, settings: list) -> dict:
+        """Block i's RowVectors and RowLinears for these rows."""
+        device, dtype = self.model.output.weight.device, self.model.output.weight.dtype
+        modules = lambda n: self.adapters[n][1][i]
+        groups = {}  # each adapter setting -> the rows that use it
+        for b, s in enumerate(settings):
+            if s is not None:
+                groups.setdefault(json.dumps(asdict(s)), (s, []))[1].append(b)
+        out, vgs, lora, shift, scale = {}, [], {}, {}, {}
+        for _, (s, rows) in sorted(groups.items()):  # in a fixed order, whatever the rows' order
+            in_group = torch.zeros(len(names), dtype=torch.bool, device=device)
+            in_group[rows] = True
+            first = names[rows[0]]
+            pick = [names[b] if b in rows else first for b in range(len(names))]  # other rows: ignored, any tenant
+            if s.method == "para":
+                vg = modules(first)["vg"]
+                params = {k: torch.stack([dict(modules(n)["vg"].named_parameters())[k] for n in pick])
+                          for k, _ in vg.named_parameters()}
+                vgs.append((vg, params, in_group))
+                continue
+            for site in s.targets:
+                per_row = [modules(n)[site] for n in pick]
+                keep = in_group.view(-1, 1, 1)
+                if s.method == "lora":
+                    A = torch.stack([m.A.to(dtype) for m in per_row])
+                    B = torch.stack([m.B.to(dtype) * m.scaling for m in per_row]).masked_fill(~keep, 0.0)
+                    lora.setdefault(site, []).append((A, B))
+                else:
+                    vector = lambda m: (m.l() if s.method == "ia3" else m.b()).to(dtype).reshape(1, -1)
+                    t = torch.stack([vector(m) for m in per_row])  # [B, 1, d_out]
+                    if s.method == "ia3":
+                        t = t.masked_fill(~keep, 1.0)
+                        scale[site] = scale[site] * t if site in scale else t
+                    else:
+                        t = t.masked_fill(~keep, 0.0)
+                        shift[site] = shift[site] + t if site in shift else t
+        if vgs:
+            out["vg"] = RowVectors(vgs)
+        for site in sorted(set(lora) | set(shift) | set(scale)):
+            out[site] = RowLinear(self.base[i][site], lora.get(site, []), shift.get(site), scale.get(site))
+        return out

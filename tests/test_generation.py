@@ -14,10 +14,9 @@ import torch
 
 from conftest import shared
 from hf_reference import ours_from_hf, tiny_hf
-from para_mini import AdapterConfig, ModelArgs, Transformer, add_adapter, load_model, save_adapter
+from para_mini import AdapterConfig, ModelArgs, Tenants, Transformer, add_adapter, load_model, save_adapter
 from para_mini.adapters import adapter_state
 from para_mini.generation import Request, beam_search, generate
-from para_mini.model import VectorGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = 2
@@ -33,11 +32,12 @@ def tiny_model(seed=0, vocab=32, std=0.2, **kw):
     return model
 
 
-def randomize(model, name, seed, std=0.3):
-    """Give an adapter non-trivial weights (at initialisation PARA, (IA)^3 and LoRA are all identities)."""
+def randomize(owner, name, seed, std=0.3):
+    """Give an adapter non-trivial weights (at initialisation PARA, (IA)^3 and LoRA are all identities): the tenant
+    `name` of a Tenants, or a model's own (name None)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in adapter_state(model, name).values():
+        for p in (adapter_state(owner) if name is None else owner.state(name)).values():
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -47,13 +47,14 @@ def random_prompts(vocab, lens, seed=0):
 
 
 def tenants(model):
-    """Two PARA tenants with different weights, a LoRA and an (IA)^3, all non-trivial."""
+    """Two PARA tenants with different weights, a LoRA and an (IA)^3, all non-trivial -> (the Tenants, a name per
+    row)."""
+    t = Tenants(model)
     for i, (name, cfg) in enumerate([("para_a", AdapterConfig("para")), ("para_b", AdapterConfig("para")),
                                      ("lora", AdapterConfig("lora")), ("ia3", AdapterConfig("ia3"))]):
-        add_adapter(model, cfg, name)
-        randomize(model, name, seed=10 + i)
-    model.requires_grad_(False)
-    return ["para_a", "lora", None, "para_b", "ia3"]
+        t.add(name, cfg)
+        randomize(t, name, seed=10 + i)
+    return t, ["para_a", "lora", None, "para_b", "ia3"]
 
 
 # ------------------------------------------------------------------------------------------------ beam search
@@ -139,11 +140,11 @@ def test_beam_search_equals_hugging_face_generate_with_num_beams():
 @pytest.mark.parametrize("beam", [1, 3])
 def test_a_mixed_batch_gives_every_request_what_it_gets_alone(beam):
     model = tiny_model(vocab=64, max_seq_len=48)
-    names = tenants(model)
+    served, names = tenants(model)
     prompts = random_prompts(64, [9, 4, 13, 9, 6], seed=4)  # different lengths: rows are left-padded
     requests = [Request(p, a, 8) for p, a in zip(prompts, names)]
-    run = (lambda rs: generate(model, rs, eos_id=EOS)) if beam == 1 else \
-        (lambda rs: beam_search(model, rs, beam=beam, num_return=2, eos_id=EOS))
+    run = (lambda rs: generate(model, rs, eos_id=EOS, tenants=served)) if beam == 1 else \
+        (lambda rs: beam_search(model, rs, beam=beam, num_return=2, eos_id=EOS, tenants=served))
     mixed = run(requests)
     for r, m in zip(requests, mixed):
         [alone] = run([r])
@@ -156,16 +157,18 @@ def test_a_mixed_batch_gives_every_request_what_it_gets_alone(beam):
 
 def test_the_vector_generator_runs_at_prefill_only():
     model = tiny_model(vocab=64)
-    names = tenants(model)
+    t, names = tenants(model)
     calls = []
-    hooks = [m[0].register_forward_hook(lambda *_: calls.append(1))  # a mixed batch runs a bank's first module
-             for layer in model.layers for m in layer.adapters.values() if isinstance(m[0], VectorGenerator)]
-    assert len(hooks) == len(model.layers)  # the two PARA tenants share one bank: one generator per layer
+    # a mixed batch runs one of the PARA tenants' generators per layer, with every row's own weights
+    hooks = [m["vg"].register_forward_hook(lambda *_: calls.append(1))
+             for name in ("para_a", "para_b") for m in t.adapters[name][1]]
     requests = [Request(p, a, 10) for p, a in zip(random_prompts(64, [5, 8, 3, 6, 7]), names)]
-    generate(model, requests)  # no eos: ten decoding steps
+    generate(model, requests, tenants=t)  # no eos: ten decoding steps
     assert len(calls) == len(model.layers)
-    beam_search(model, requests, beam=3)
+    beam_search(model, requests, beam=3, tenants=t)
     assert len(calls) == 2 * len(model.layers)
+    generate(model, requests[:1], tenants=t)  # one PARA tenant alone: its own generators, as fine-tuned
+    assert len(calls) == 3 * len(model.layers)
     for h in hooks:
         h.remove()
 
@@ -206,10 +209,11 @@ def test_the_stream_callback_sees_every_token_of_every_request_in_order():
 @pytest.mark.parametrize("beam", [1, 2])
 def test_bad_requests_get_their_own_error_and_the_others_complete(beam):
     model = tiny_model(vocab=64)
-    tenants(model)
+    t, _ = tenants(model)
     good = [Request([1, 5, 9], "para_a", 6), Request([1, 7], None, 6)]
     bad = [Request([1, 5], "nobody", 6), Request([], None, 6), Request([1] * 60, None, 6)]
-    run = (lambda rs: generate(model, rs)) if beam == 1 else (lambda rs: beam_search(model, rs, beam=beam))
+    run = (lambda rs: generate(model, rs, tenants=t)) if beam == 1 else \
+        (lambda rs: beam_search(model, rs, beam=beam, tenants=t))
     results = run([good[0], bad[0], bad[1], good[1], bad[2]])
     assert "unknown adapter 'nobody'" in results[1].error
     assert "empty prompt" in results[2].error
@@ -228,8 +232,8 @@ def run_cli(*argv):
 def test_generate_py_answers_every_good_line_and_names_the_file_and_line_of_each_bad_one(tmp_path):
     weights = shared("assets", "stories260K", "hf")
     model = load_model(weights)
-    add_adapter(model, AdapterConfig("para"), "story")
-    randomize(model, "story", seed=0)
+    add_adapter(model, AdapterConfig("para"))
+    randomize(model, None, seed=0)
     save_adapter(model, tmp_path / "story.safetensors")
     lines = [{"prompt": "Once upon a time", "adapter": "story", "chat": False},
              {"prompt": "Lily", "adapter": "nobody"},

@@ -54,7 +54,7 @@ def test_captured_vectors_are_one_per_prompt_and_do_not_depend_on_the_batch(tmp_
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in model.layers:
-            layer.adapters["para0"][0].up.weight.normal_(0, 0.5)  # a trained-looking generator, not the identity
+            layer.vg.up.weight.normal_(0, 0.5)  # a trained-looking generator, not the identity
     prompts = [[1, 5, 9, 30, 7], [1, 40, 41], [1, 3, 3, 3, 3, 3, 3, 8]]
     together = lab.capture_vectors(model, prompts)
     alone = [lab.capture_vectors(model, [p]) for p in prompts]
@@ -213,7 +213,7 @@ def trained_looking_para(model):
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in model.layers:
-            layer.adapters["para0"][0].up.weight.normal_(0, 0.5)
+            layer.vg.up.weight.normal_(0, 0.5)
     return model
 
 
@@ -234,12 +234,13 @@ def test_recomputed_attention_reproduces_the_attention_modules_output_under_para
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 8, 11))  # every row is a distribution
     assert (probs.triu(1) == 0).all()  # causal: no position sees a later one
 
-    (x, cos, sin, mask, adjust), out = caught[layer][0][:5], caught[layer][1]
+    (x, cos, sin, mask, l), out = caught[layer][0][:5], caught[layer][1]
     B, T, _ = x.shape
-    v = adjust("v", x, layer.wv(x)).view(B, T, layer.n_kv_heads, layer.head_dim).transpose(1, 2)
+    assert "v" in l  # PARA scales V (Eq. 4): l_v * V
+    v = (l["v"] * layer.wv(x)).view(B, T, layer.n_kv_heads, layer.head_dim).transpose(1, 2)
     v = v.repeat_interleave(layer.n_heads // layer.n_kv_heads, dim=1)
     mixed = (probs @ v).transpose(1, 2).reshape(B, T, -1)
-    torch.testing.assert_close(adjust("o", mixed, layer.wo(mixed)), out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.wo(mixed), out, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_maps_with_an_identity_adapter_equal_hugging_face_eager_attentions():

@@ -129,7 +129,7 @@ def test_bf16_loads_in_bf16_on_a_model_built_on_the_meta_device(monkeypatch, hf_
     tensors = [*model.parameters(), *model.buffers()]
     assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert model.args.max_seq_len == 77 and model.new_cache(1).layers[0].k.shape[2] == 77
+    assert model.args.max_seq_len == 77 and model.new_cache(1).k.shape[3] == 77
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -8,8 +8,9 @@ import torch
 
 from conftest import shared
 from hf_reference import HF_SITES, ours_from_hf, tiny_hf
-from para_mini import AdapterConfig, ModelArgs, Transformer, add_adapter, load_adapter, merge_lora, save_adapter
-from para_mini.adapters import adapter_state, read_adapter
+from para_mini import (AdapterConfig, ModelArgs, Tenants, Transformer, add_adapter, load_adapter, merge_lora,
+                       remove_adapter, save_adapter)
+from para_mini.adapters import LINEARS, adapter_state, read_adapter
 from para_mini.model import site_dims
 
 POOLERS = ["capsule", "last", "routing", "mean"]
@@ -32,11 +33,12 @@ def tiny_model(seed=0, **kw):
     return model
 
 
-def randomize(model, name="default", seed=1, std=0.3):
-    """Give an adapter non-trivial weights (at initialisation PARA, (IA)^3, LoRA and BitFit are all identities)."""
+def randomize(owner, name=None, seed=1, std=0.3):
+    """Give an adapter non-trivial weights (at initialisation PARA, (IA)^3, LoRA and BitFit are all identities):
+    the model's own, or the tenant `name` of a Tenants."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in adapter_state(model, name).values():
+        for p in (owner.state(name) if isinstance(owner, Tenants) else adapter_state(owner)).values():
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -117,13 +119,13 @@ def test_each_pooler_equals_a_loop_by_loop_transcription_of_its_equations(pooler
     cfg = AdapterConfig("para", pooler=pooler, r=12, K=4)
     add_adapter(model, cfg)
     randomize(model)
-    vg = model.layers[0].adapters["para0"][0]
+    vg = model.layers[0].vg
     torch.manual_seed(3)
     h = torch.randn(3, 10, model.args.dim)
     mask = torch.zeros(3, 10, dtype=torch.bool)
     mask[0, :4], mask[1, 2:10], mask[2, 5:6] = True, True, True  # right-, left- and single-token prompts
     got = vg(h, mask)
-    t = {k[len("layers.0"):]: v for k, v in adapter_state(model, "default").items() if k.startswith("layers.0.")}
+    t = {k[len("layers.0"):]: v for k, v in adapter_state(model).items() if k.startswith("layers.0.")}
     for b in range(3):
         want = vg_reference(h[b][mask[b]], t, ".vg", cfg, model.args)
         for site in cfg.targets:
@@ -166,7 +168,7 @@ def test_para_on_the_260K_model_equals_hugging_face_with_hooks(pooler, dtype, st
     with torch.no_grad():
         ours = model(tokens, prompt_lens=prompt_lens)
         base = Transformer.forward(ours_from_hf(hf), tokens)
-        tensors = adapter_state(model, "default")
+        tensors = adapter_state(model)
         for b in range(2):
             handles = hf_with_para_hooks(hf, tensors, cfg, prompt_lens[b])
             theirs = hf(tokens[b:b + 1]).logits[0]
@@ -178,8 +180,7 @@ def test_para_on_the_260K_model_equals_hugging_face_with_hooks(pooler, dtype, st
 
 def capture_vectors(model):
     seen = []
-    hooks = [layer.adapters[b][0].register_forward_hook(lambda m, i, o: seen.append(o))
-             for layer in model.layers for b in layer.adapters]
+    hooks = [layer.vg.register_forward_hook(lambda m, i, o: seen.append(o)) for layer in model.layers]
     return seen, hooks
 
 
@@ -264,8 +265,8 @@ def test_lora_equals_peft_lora_with_the_same_weights():
                 mod = pm.get_submodule(f"base_model.model.model.layers.{i}.{path}")
                 A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
                 B.copy_(torch.randn(B.shape, generator=g) * 0.2)
-                layer.adapters["lora0"][0].A[site].copy_(A)
-                layer.adapters["lora0"][0].B[site].copy_(B)
+                layer.get_submodule(LINEARS[site]).A.copy_(A)
+                layer.get_submodule(LINEARS[site]).B.copy_(B)
     tokens = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
         ours, theirs = model(tokens), pm(input_ids=tokens).logits
@@ -298,7 +299,7 @@ def test_ia3_equals_peft_ia3_with_the_same_vectors():
     with torch.no_grad():
         for layer, v in zip(model.layers, vectors):
             for site in ("k", "v", "u"):
-                layer.adapters["ia30"][0].vectors[site].copy_(v[site])
+                layer.get_submodule(LINEARS[site]).l.vector.copy_(v[site])
     tokens = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), pm(input_ids=tokens).logits, rtol=0, atol=1e-5)
@@ -311,8 +312,8 @@ def test_para_with_zero_up_and_bias_c_equals_ia3_with_vector_c():
     randomize(model)  # random W_down, capsules ... then W_up = 0 makes the prompt irrelevant
     with torch.no_grad():
         for layer, v in zip(model.layers, vectors):
-            layer.adapters["para0"][0].up.weight.zero_()
-            layer.adapters["para0"][0].up.bias.copy_(torch.cat([v["k"], v["v"], v["u"]]))
+            layer.vg.up.weight.zero_()
+            layer.vg.up.bias.copy_(torch.cat([v["k"], v["v"], v["u"]]))
     tokens = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, prompt_lens=[5, 12]), pm(input_ids=tokens).logits,
@@ -325,9 +326,10 @@ def test_one_optimizer_step_changes_the_adapter_and_leaves_the_backbone_bit_iden
     add_adapter(model, config(method))
     randomize(model, std=0.05)  # LoRA's B and PARA's W_up start at zero: give every tensor a gradient path
     model.train()
-    backbone = {n: p.clone() for n, p in model.named_parameters() if ".adapters." not in n}
-    adapter = {n: p.clone() for n, p in model.named_parameters() if ".adapters." in n}
-    assert all(p.requires_grad == (".adapters." in n) for n, p in model.named_parameters())
+    ids = {id(p) for p in adapter_state(model).values()}
+    backbone = {n: p.clone() for n, p in model.named_parameters() if id(p) not in ids}
+    adapter = {n: p.clone() for n, p in model.named_parameters() if id(p) in ids}
+    assert len(adapter) == len(ids) and all(p.requires_grad == (id(p) in ids) for p in model.parameters())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     tokens = torch.randint(0, 96, (2, 12))
     logits = model(tokens, prompt_lens=[5, 7])
@@ -345,13 +347,12 @@ def test_one_optimizer_step_changes_the_adapter_and_leaves_the_backbone_bit_iden
 def test_save_then_load_is_bit_exact(method, tmp_path):
     model = tiny_model()
     cfg = AdapterConfig(method, pooler="routing") if method == "para" else config(method)
-    add_adapter(model, cfg, "mine")
-    randomize(model, "mine")
+    add_adapter(model, cfg)
+    randomize(model)
     save_adapter(model, tmp_path / "a.safetensors")
-    fresh = tiny_model()
-    name = load_adapter(fresh, tmp_path / "a.safetensors")
-    assert name == "a"
-    for (k, v), (k2, v2) in zip(adapter_state(model, "mine").items(), adapter_state(fresh, "a").items()):
+    fresh = load_adapter(tiny_model(), tmp_path / "a.safetensors")
+    assert fresh.adapter == cfg
+    for (k, v), (k2, v2) in zip(adapter_state(model).items(), adapter_state(fresh).items()):
         assert k == k2 and torch.equal(v, v2), k
     tokens = torch.randint(0, 96, (2, 12))
     assert torch.equal(model(tokens, prompt_lens=[4, 6]), fresh(tokens, prompt_lens=[4, 6]))
@@ -363,23 +364,35 @@ def test_para_file_holds_the_tensors_design_md_names():
     model = tiny_model()
     add_adapter(model, AdapterConfig("para", r=12, K=4))
     d_out = 48 + 24 + 80  # q (4 heads x 12) + v (2 kv heads x 12) + u (ffn 80)
-    shapes = {k: tuple(v.shape) for k, v in adapter_state(model, "default").items() if k.startswith("layers.1.")}
+    shapes = {k: tuple(v.shape) for k, v in adapter_state(model).items() if k.startswith("layers.1.")}
     assert shapes == {"layers.1.vg.down.weight": (12, 48), "layers.1.vg.up.weight": (d_out, 12),
                       "layers.1.vg.up.bias": (d_out,), "layers.1.vg.pool.weight": (4, 12, 3),
                       "layers.1.vg.pool.query": (4, 12)}
 
 
 
-def test_one_adapter_is_plain_modules_and_a_second_tenant_only_adds_a_module():
+def test_a_model_carries_one_adapter_of_plain_modules_and_tenants_are_kept_off_it():
     model = tiny_model()
-    add_adapter(model, AdapterConfig("para", r=12, K=4), "a")
-    vg = model.layers[0].adapters["para0"][0]  # a fine-tuning run: W_down, W_up are linear layers, no tenant axis
+    add_adapter(model, AdapterConfig("para", r=12, K=4))
+    vg = model.layers[0].vg  # a fine-tuning run: W_down, W_up are linear layers, no tenant axis
     assert isinstance(vg.down, torch.nn.Linear) and vg.down.weight.shape == (12, 48)
     assert isinstance(vg.up, torch.nn.Linear) and vg.up.bias.shape == (48 + 24 + 80,)
-    before = {k: v.clone() for k, v in adapter_state(model, "a").items()}
-    add_adapter(model, AdapterConfig("para", r=12, K=4), "b")  # same settings: the same bank, one module more
-    assert model.tenants == {"a": ("para0", 0), "b": ("para0", 1)} and len(model.layers[0].adapters["para0"]) == 2
-    assert all(torch.equal(v, before[k]) for k, v in adapter_state(model, "a").items())
+    with pytest.raises(ValueError, match="already attached"):
+        add_adapter(model, AdapterConfig("lora"))
+    with pytest.raises(ValueError, match="carries an adapter of its own"):
+        Tenants(model)
+    remove_adapter(model)
+    assert model.adapter is None and all(layer.vg is None for layer in model.layers)
+    tenants = Tenants(model)
+    tenants.add("a", AdapterConfig("para", r=12, K=4))
+    before = {k: v.clone() for k, v in tenants.state("a").items()}
+    tenants.add("b", AdapterConfig("lora"))
+    assert list(tenants) == ["a", "b"] and all(torch.equal(v, before[k]) for k, v in tenants.state("a").items())
+    assert all(layer.vg is None and type(layer.attention.wq) is torch.nn.Linear for layer in model.layers)
+    with tenants.rows(["a", "b"]):  # installed for the batch only
+        assert all(layer.vg is not None and type(layer.attention.wq) is not torch.nn.Linear for layer in model.layers)
+    assert all(layer.vg is None and type(layer.attention.wq) is torch.nn.Linear for layer in model.layers)
+
 
 def test_an_adapter_for_another_base_is_refused(tmp_path):
     model = tiny_model()
@@ -388,7 +401,7 @@ def test_an_adapter_for_another_base_is_refused(tmp_path):
     other = tiny_model(dim=64)
     with pytest.raises(ValueError, match="trained for a base model of shape"):
         load_adapter(other, tmp_path / "a.safetensors")
-    assert other.tenants == {}
+    assert other.adapter is None
 
 
 def test_a_file_that_is_not_an_adapter_is_refused(tmp_path):
@@ -406,31 +419,36 @@ def test_merged_lora_equals_unmerged_lora():
     tokens = torch.randint(0, 96, (2, 12))
     unmerged = model(tokens)
     merge_lora(model)
-    assert model.tenants == {} and all(len(layer.adapters) == 0 for layer in model.layers)
+    assert model.adapter is None and all(type(layer.get_submodule(m)) is torch.nn.Linear
+                                         for layer in model.layers for m in LINEARS.values())
     torch.testing.assert_close(model(tokens), unmerged, rtol=1e-5, atol=1e-5)
 
 
 def test_a_mixed_batch_gives_every_row_what_its_adapter_gives_alone():
     model = tiny_model()
+    tenants = Tenants(model)
     for i, (name, cfg) in enumerate([("p1", AdapterConfig("para")), ("p2", AdapterConfig("para")),
                                      ("last", AdapterConfig("para", pooler="last", r=6)),
                                      ("lo", AdapterConfig("lora")), ("ia", AdapterConfig("ia3")),
-                                     ("bf", AdapterConfig("bitfit"))]):
-        add_adapter(model, cfg, name)
-        randomize(model, name, seed=10 + i)
-    names = ["p1", "lo", None, "p2", "ia", "bf", "last", "p1"]
+                                     ("bf", AdapterConfig("bitfit")), ("lo8", AdapterConfig("lora", r=8)),
+                                     ("iak", AdapterConfig("ia3", targets=("k",), proj=3))]):
+        tenants.add(name, cfg)
+        randomize(tenants, name, seed=10 + i)
+    names = ["p1", "lo", None, "p2", "ia", "bf", "last", "p1", "lo8", "iak"]
     torch.manual_seed(7)
-    tokens = torch.randint(0, 96, (8, 14))
-    prompt_lens = torch.randint(3, 14, (8,))
+    tokens = torch.randint(0, 96, (len(names), 14))
+    prompt_lens = torch.randint(3, 14, (len(names),))
     with torch.no_grad():
-        mixed = model(tokens, prompt_lens=prompt_lens, adapters=names)
+        with tenants.rows(names):
+            mixed = model(tokens, prompt_lens=prompt_lens)
         for b, name in enumerate(names):
-            alone_model = copy.deepcopy(model)
-            for other in [n for n in alone_model.tenants if n != name]:
-                from para_mini import remove_adapter
-                remove_adapter(alone_model, other)
-            alone = alone_model(tokens[b:b + 1], prompt_lens=prompt_lens[b:b + 1])
-            torch.testing.assert_close(mixed[b], alone[0], rtol=1e-5, atol=1e-5)
+            alone = copy.deepcopy(model)  # the adapter attached as a fine-tuning run attaches it
+            if name is not None:
+                add_adapter(alone, tenants.adapters[name][0])
+                for p, q in zip(adapter_state(alone).values(), tenants.state(name).values()):
+                    p.copy_(q)
+            want = alone(tokens[b:b + 1], prompt_lens=prompt_lens[b:b + 1])
+            torch.testing.assert_close(mixed[b], want[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(mixed[0], mixed[3])  # two PARA tenants really differ
 
 
@@ -446,44 +464,48 @@ def test_adapter_settings_are_checked():
     with pytest.raises(ValueError, match="must be a subset of"):
         AdapterConfig("lora", targets=("q", "x"))
     assert AdapterConfig("para", targets=("u", "q")).targets == ("q", "u")  # the file's row order, whatever is given
-    model = tiny_model()
-    add_adapter(model, AdapterConfig("para"), "a")
-    add_adapter(model, AdapterConfig("ia3"), "b")
-    with pytest.raises(ValueError, match="pass adapters="):
-        model(torch.zeros(1, 3, dtype=torch.long))
+    tenants = Tenants(tiny_model())
+    tenants.add("a", AdapterConfig("para"))
+    with pytest.raises(ValueError, match="already loaded"):
+        tenants.add("a", AdapterConfig("ia3"))
     with pytest.raises(KeyError, match="unknown adapter"):
-        model(torch.zeros(1, 3, dtype=torch.long), adapters=["c"])
+        with tenants.rows(["a", "c"]):
+            pass
 
 
-def test_removing_an_adapter_then_adding_another_keeps_every_tenant_its_own_bank():
-    from para_mini import remove_adapter
+def test_removing_a_tenant_then_adding_another_leaves_the_others_as_they_were():
     model = tiny_model()
-    add_adapter(model, AdapterConfig("ia3"), "A")
-    add_adapter(model, AdapterConfig("ia3", targets=("k",)), "B")
-    randomize(model, "B", seed=2)
-    tokens = torch.randint(0, 96, (1, 10))
-    b_alone = model(tokens, adapters=["B"])
-    remove_adapter(model, "A")
-    add_adapter(model, AdapterConfig("ia3", targets=("v",)), "C")
-    assert model.tenants["B"][0] != model.tenants["C"][0]
-    assert torch.equal(model(tokens, adapters=["B"]), b_alone)
-    assert [m.config.targets for m in model.layers[0].adapters.values()] == [("k",), ("v",)]
+    tenants = Tenants(model)
+    tenants.add("A", AdapterConfig("ia3"))
+    tenants.add("B", AdapterConfig("ia3", targets=("k",)))
+    randomize(tenants, "B", seed=2)
+    tokens = torch.randint(0, 96, (2, 10))
+    with torch.no_grad(), tenants.rows(["B", "A"]):
+        b_alone, _ = model(tokens)
+    tenants.remove("A")
+    tenants.add("C", AdapterConfig("ia3", targets=("v",)))
+    randomize(tenants, "C", seed=3)
+    with torch.no_grad(), tenants.rows(["B", "C"]):
+        b_now, c_now = model(tokens)
+    assert torch.equal(b_now, b_alone) and not torch.equal(c_now, b_now)
 
 
-def test_changing_a_config_after_attaching_leaves_the_bank_alone():
+def test_changing_a_config_after_attaching_leaves_the_attached_one_alone():
     model = tiny_model()
     cfg = AdapterConfig("lora")
     add_adapter(model, cfg)
     cfg.r = 99
-    assert model.layers[0].adapters["lora0"].config.r == 4 == AdapterConfig("lora").r
+    assert model.adapter.r == 4 == AdapterConfig("lora").r
 
 
-def test_merging_lora_is_refused_while_other_adapters_share_the_backbone():
+def test_merging_lora_is_refused_while_tenants_share_the_backbone():
     model = tiny_model()
-    add_adapter(model, AdapterConfig("lora"), "x")
-    add_adapter(model, AdapterConfig("ia3"), "y")
-    with pytest.raises(ValueError, match="every attached adapter shares"):
-        merge_lora(model, "x")
+    Tenants(model).add("y", AdapterConfig("ia3"))
+    add_adapter(model, AdapterConfig("lora"))
+    with pytest.raises(ValueError, match="every adapter served from it shares"):
+        merge_lora(model)
+    with pytest.raises(ValueError, match="only LoRA adapters can be merged"):
+        merge_lora(add_adapter(tiny_model(), AdapterConfig("ia3")))
 
 
 def test_para_needs_the_prompt_lengths():

@@ -1,0 +1,46 @@
+# The KV cache: every layer's keys and values, preallocated, written at positions held in a tensor (gpt-fast's
+# KVCache.update), and the vectors PARA made from each prompt. Eager decoding reads it up to the filled length;
+# fast.py's captured step reads it whole, through a mask, so that its shapes never change.
+from typing import Optional
+
+import torch
+
+
+class KVCache:
+    """Every layer's keys and values, preallocated (gpt-fast's KVCache), and its vectors l (PARA's l_q, l_v, l_u),
+    made from each prompt at its prefill and reused for every later token. The next position is a tensor (what the
+    model reads: a replayed CUDA graph advances it) and a count n (what eager code slices to)."""
+
+    def __init__(self, n_layers, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        self.l = [{} for _ in range(n_layers)]
+        self.pos, self.n = torch.zeros(1, dtype=torch.long, device=device), 0
+        self.pad, self.padded = torch.zeros(batch_size, dtype=torch.long, device=device), False  # left padding
+        self.static = False  # set after the prefill by fast.py: read whole buffers, the unwritten part masked
+        self.input_pos = self.end = None  # the positions the current forward writes, and reads up to
+
+    def start(self, pad: Optional[torch.Tensor], n: int):
+        """A prefill of n rows (beam search: one per request), left-padded by pad [n] (None: none)."""
+        self.n, self.padded, self.static, self.l = 0, pad is not None, False, [{} for _ in self.l]
+        self.pos.zero_()
+        self.pad.zero_()
+        if pad is not None:
+            self.pad[:n] = pad
+
+    def update(self, layer: int, k, v):
+        """Write k, v [n, n_kv_heads, T, head_dim] of the first n rows at this forward's positions -> the keys and
+        values up to position `end` (None: the whole buffer, every shape fixed)."""
+        n = k.shape[0]
+        self.k[layer, :n].index_copy_(2, self.input_pos, k)
+        self.v[layer, :n].index_copy_(2, self.input_pos, v)
+        return self.k[layer, :n, :, :self.end], self.v[layer, :n, :, :self.end]
+
+    def reorder(self, src):
+        """Row i takes row src[i]'s contents (beam search: after the prefill, each request's row is copied to its
+        beams), in place where every row is there already: a captured step goes on reading the same memory."""
+        def move(t, dim=0):
+            rows = t.index_select(dim, src)
+            return t.copy_(rows) if t.shape[dim] == len(src) else rows
+        move(self.k, 1), move(self.v, 1), move(self.pad)
+        self.l = [{site: move(t) for site, t in l.items()} for l in self.l]

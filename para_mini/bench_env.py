@@ -35,16 +35,25 @@ class SDPAChoices(TorchFunctionMode):
             phase = "train" if q.requires_grad else "prefill" if q.shape[-2] == k.shape[-2] else "decode"
             kind = (f"{str(mask.dtype).removeprefix('torch.')} mask" if mask is not None else
                     "causal" if kwargs.get("is_causal") else "none")
-            chosen = SDPBackend(torch._fused_sdp_choice(*args, **kwargs)).name
-            was = torch.backends.cuda.cudnn_sdp_enabled()
-            torch.backends.cuda.enable_cudnn_sdp(True)
-            with_cudnn = SDPBackend(torch._fused_sdp_choice(*args, **kwargs)).name
-            torch.backends.cuda.enable_cudnn_sdp(was)
+            chosen = self.choice(args, kwargs, torch.backends.cuda.cudnn_sdp_enabled())
+            with_cudnn = self.choice(args, kwargs, True)
             key = (*self.case, phase, q.shape[0], q.shape[-2] if phase == "decode" else None, kind, chosen,
                    with_cudnn)
             low, high, n = self.seen.get(key, (k.shape[-2], k.shape[-2], 0))
             self.seen[key] = (min(low, k.shape[-2]), max(high, k.shape[-2]), n + 1)
         return func(*args, **kwargs)
+
+    @staticmethod
+    def choice(args, kwargs, cudnn: bool) -> str:
+        """The backend SDPA picks for these arguments with cuDNN allowed or not (the other settings as they are)."""
+        was = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        try:
+            return SDPBackend(torch._fused_sdp_choice(*args, **kwargs)).name
+        except Exception as e:  # a probe: say what went wrong, and let the run go on
+            return f"unknown ({type(e).__name__}: {e})"
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(was)
 
     def table(self):
         return [{"impl": impl, "path": path, "phase": phase, "batch": B, "q_len": q_len, "mask": kind,

@@ -19,11 +19,12 @@
 # PEFT batch 8 mixing 4 LoRA adapters 22.8; LoRA training 6,098 tokens/s at 8 x 512, 5,909 at 4 x 2048). An H200
 # has the same compute and more memory bandwidth, so its steps take no longer. A process start (imports, CUDA, a
 # random 7B model) is taken as ~10 s.
-#   (a) env           cap  40 s   est. 20-30 s: versions, the GPU, the compile check, then one layer of the 7B
-#                     shape decoding (eager, fast, Hugging Face; batch 1 and 2 x 32 tokens) and one training
+#   (a) env           cap  60 s   est. 20-30 s warm, more on a cold machine (the first imports of torch and
+#                     transformers read GBs from disk): versions, the GPU, the compile check, then one layer of the
+#                     7B shape decoding (eager, fast, Hugging Face; batch 1 and 2 x 32 tokens) and one training
 #                     forward, to list SDPA's backend for each shape; the versions are in env.json within seconds
-#   (b) test_fast     cap  40 s   est. 15-25 s  (12 tests, 6 on CUDA, tiny model, a CUDA graph each)
-#   (c) bench         cap 280 s   est. ~250 s:
+#   (b) test_fast     cap  35 s   est. 15-25 s  (12 tests, 6 on CUDA, tiny model, a CUDA graph each)
+#   (c) bench         cap 275 s   est. ~250 s:
 #       bench.py times each row as 1 warm-up + 3 timed calls of 1 token (ttft) and as many of 32 tokens: 8 calls.
 #       HF rows, 32 / tokens-per-s per 32-token call, x 4, plus 4 prefills:
 #         base b1 4 x 1.11 s = 4.4 s, beam 3 4 x 1.26 = 5.1, batch 8 4 x 256/207 = 5.0, (IA)^3 4 x 1.65 = 6.6
@@ -38,13 +39,13 @@
 #         ~30 s, with the graph captures: ~110 s. Start, HF twin, PEFT adapters, floor: ~15 s; freeing and
 #         collecting between the ~50 rows: ~10 s. In all ~250 s.
 #       If it overruns its cap, the rows measured so far are in gpu_7b.json; HF's slowest (the mixed batch) come last.
-#   (d) train 8x512   cap  55 s   est. ~30 s: 4096 / 6098 = 0.67 s a step, 4 steps (1 warm-up + 3) x 3 rows
+#   (d) train 8x512   cap  50 s   est. ~30 s: 4096 / 6098 = 0.67 s a step, 4 steps (1 warm-up + 3) x 3 rows
 #                                             (para-mini, peft, peft-full-head), start and PEFT's set-up
-#   (e) train 4x2048  cap  55 s   est. ~35 s: 8192 / 5909 = 1.39 s a step, x 12
+#   (e) train 4x2048  cap  50 s   est. ~35 s: 8192 / 5909 = 1.39 s a step, x 12
 #   (f) profile       cap  60 s   est. ~35 s: 8 cases x (3 warm-up + 10 timed + 1 profiled call) of <= 60 ms,
 #                                             ~2 s a profiler session (CUPTI's start: more the first time)
 #   total of the caps: 530 s (+5 s grace for each step killed at its cap); the whole command's limit is 600 s.
-#   (g) compile       cap: what is left of $DEADLINE = 560 s (~165 s by the estimates above; skipped under 60 s,
+#   (g) compile       cap: what is left of $DEADLINE = 560 s (~160 s by the estimates above; skipped under 60 s,
 #                     or where torch.compile lacks a C compiler or Python.h): the 5-s kill grace and the summary
 #                     (<= 20 s) still end the script inside 600 s. Its two compiled rows (base, then PARA: the
 #                     PARA vectors' layout is a second guard, so a second compilation of the unrolled 32-layer
@@ -61,6 +62,9 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 TEE=$!
 
 if [ "${GPU_SH_CPU:-0}" = 1 ]; then  # rehearsal: the tiny shape on the CPU, in the GPU's dtype (bf16)
+    # one thread a process: where other work shares the cores, a second thread's waits at every operator's barrier
+    # make the tiny model's steps up to ~100x slower (the rehearsal checks that the steps run, not their speed)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     DEVICE=cpu
     SHAPE=(--shape tiny --device cpu)
     ENV=("${SHAPE[@]}" --dtype bf16)
@@ -87,14 +91,14 @@ step() {  # step NAME CAP_SECONDS COMMAND...: run it under its cap, note its exi
 
 # each module prints its JSON and writes it to --out too: stdout is dropped to keep the log short
 echo "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo 'unknown (pass COMMIT=...)')}"
-step env 40 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi -L
+step env 60 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi -L
     exec "$0" -m para_mini.bench_env "$@" --out "$OUT/env.json" >/dev/null' "$PY" "${ENV[@]}"
-step test_fast 40 "$PY" -m pytest -q tests/test_fast.py
-step bench 280 bash -c 'exec "$0" -m para_mini.bench "$@" --max-timed-s 30 --out "$OUT/gpu_7b.json" >/dev/null' \
+step test_fast 35 "$PY" -m pytest -q tests/test_fast.py
+step bench 275 bash -c 'exec "$0" -m para_mini.bench "$@" --max-timed-s 30 --out "$OUT/gpu_7b.json" >/dev/null' \
     "$PY" "${BENCH[@]}"
-step train_8x512 55 bash -c 'exec "$0" -m para_mini.bench_train "$@" --grad-checkpointing \
+step train_8x512 50 bash -c 'exec "$0" -m para_mini.bench_train "$@" --grad-checkpointing \
     --out "$OUT/train_8x512.json" >/dev/null' "$PY" "${TRAIN[@]}"
-step train_4x2048 55 bash -c 'exec "$0" -m para_mini.bench_train "$@" --grad-checkpointing --batch 4 --seq 2048 \
+step train_4x2048 50 bash -c 'exec "$0" -m para_mini.bench_train "$@" --grad-checkpointing --batch 4 --seq 2048 \
     --out "$OUT/train_4x2048.json" >/dev/null' "$PY" "${TRAIN[@]}"
 # TEARDOWN_CUPTI=0: CUPTI stays up between the profiler's sessions (bench_profile sets it too, when run alone)
 step profile 60 env TEARDOWN_CUPTI=0 bash -c 'exec "$0" -m para_mini.bench_profile "$@" \
@@ -109,12 +113,13 @@ from para_mini.bench import compile_missing
 print(compile_missing(torch.device(sys.argv[1])) or "")' "$DEVICE" 2>&1 | tail -1)
 LEFT=$((DEADLINE - SECONDS))
 FIT=$(( (LEFT - 30) / 120 ))  # ~30 s: the start, the eager rows, the floor; then <= 120 s a compiled row (estimate)
+FIT=$(( FIT > 2 ? 2 : FIT ))
 if [ -n "$MISSING" ]; then
     echo "=== step compile skipped: torch.compile cannot build its kernels here, missing $MISSING"
     SUMMARY+=("compile        skipped: missing $MISSING")
 elif [ $LEFT -ge 60 ]; then
     echo "=== compile: $LEFT s left of $DEADLINE; 2 compiled rows to run (base, then PARA), each one compilation of" \
-        "the whole step, taken as <= 120 s with its timing (not measured yet): $FIT of them fit by that estimate"
+        "the whole step, taken as <= 120 s with its timing (not measured yet): $FIT of the 2 fit by that estimate"
     step compile $LEFT bash -c 'exec "$0" -m para_mini.bench "$@" --compile --no-hf --methods base,para --beams 1 \
         --mixed none --out "$OUT/gpu_7b_compile.json" >/dev/null' "$PY" "${BENCH[@]}"
 else
@@ -149,9 +154,9 @@ for name in ("gpu_7b.json", "gpu_7b_compile.json"):
         for t in b["targets"]:
             print(f"  goal {t['target']}: {num(t['ratio'], '.3f'):>7s} ({t['goal']}, met {t['met']}) {t['what']}")
         for row in b["results"]:
-            print(f"  {row['impl']:9s} {row['path']:5s} {row['method']:5s} batch {row['batch']} beam {row['beam']}: "
-                  f"{row['tokens_per_s']:8.1f} tokens/s, peak {num(row['peak_mem_mib'], '.0f')} MiB allocated, "
-                  f"{num(row['peak_mem_reserved_mib'], '.0f')} reserved")
+            print(f"  {row['impl']:9s} {row['path']:5s} {row['method']:5s} batch {row['batch']} beam {row['beam']} "
+                  f"{row['adapter_compute_dtype'] or '':8s}: {row['tokens_per_s']:8.1f} tokens/s, peak "
+                  f"{num(row['peak_mem_mib'], '.0f')} MiB allocated, {num(row['peak_mem_reserved_mib'], '.0f')} reserved")
 for name in ("train_8x512.json", "train_4x2048.json"):
     t = load(name)
     for r in (t or {}).get("results", []):

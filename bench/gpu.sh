@@ -156,7 +156,8 @@ for name in ("gpu_7b.json", "gpu_7b_compile.json"):
         for row in b["results"]:
             print(f"  {row['impl']:9s} {row['path']:5s} {row['method']:5s} batch {row['batch']} beam {row['beam']} "
                   f"{row['adapter_compute_dtype'] or '':8s}: {row['tokens_per_s']:8.1f} tokens/s, peak "
-                  f"{num(row['peak_mem_mib'], '.0f')} MiB allocated, {num(row['peak_mem_reserved_mib'], '.0f')} reserved")
+                  f"{num(row['peak_mem_mib'], '.0f')} MiB allocated, "
+                  f"{num(row['peak_mem_reserved_mib'], '.0f')} reserved")
 for name in ("train_8x512.json", "train_4x2048.json"):
     t = load(name)
     for r in (t or {}).get("results", []):

@@ -56,6 +56,22 @@ def test_the_fast_decoding_state_is_freed_as_soon_as_the_model_lets_go_of_it(no_
     assert state() is None
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="generation.py sizes the cache at the prompt + the new tokens exactly (274 + 32 = 306), so "
+                          "the fast step's attention reads an odd key length")
+def test_the_fast_steps_attention_reads_a_key_length_that_is_a_multiple_of_16():
+    # kernels want aligned key lengths: an additive mask of 306 columns is padded (copied) at every layer's call
+    from para_mini.bench_env import SDPAChoices
+    model = random_model(SHAPES["tiny"], torch.float32, CPU)
+    choices = SDPAChoices()
+    choices.case = ("para-mini", "fast")
+    with choices:
+        generate(model, [Request(list(range(3, 277)), None, 32)], fast=True)
+    [decode] = [e for e in choices.table() if e["phase"] == "decode"]
+    low, high = decode["kv_len"]
+    assert low == high and high % 16 == 0 and high >= 306
+
+
 def test_gpu_specs_reads_the_datasheet_figures_by_the_device_name():
     assert gpu_specs("NVIDIA H100 80GB HBM3") == {"name": "NVIDIA H100 80GB HBM3", "peak_bf16_flops": 989e12,
                                                   "hbm_bytes_per_s": 3.35e12}
@@ -123,6 +139,7 @@ def test_the_environment_step_lists_the_attention_backend_of_each_shape_of_both_
     assert {(impl, "train", "train", 2) for impl in sides} <= seen
     for e in report["attention"]:
         assert e["backend"] in {"FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"} and e["calls"] >= 1
-        if e["phase"] == "decode" and e["impl"] == "para-mini":  # the eager cache grows, the fast one is static
-            assert e["kv_len"] == ([21, 23] if e["path"] == "eager" else [24, 24])
+        if e["phase"] == "decode" and e["impl"] == "para-mini":  # keys: the prompt's 20 and those decoded since
+            low, high = e["kv_len"]
+            assert 21 <= low <= high and (low == high or e["path"] == "eager")  # the fast step's cache is static
     torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default again, for the tests that follow

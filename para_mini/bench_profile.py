@@ -1,15 +1,17 @@
 # python -m para_mini.bench_profile: where the time of one decoding step and of one prefill goes, kernel by kernel,
-# for the base model and PARA on bench.py's random model, so that a target of the GPU issue that bench.py reports as
-# missed comes with its explanation: which kernels, how many, how long, and how much of the wall time no kernel
+# for the base model and PARA on bench.py's random model, so that a goal that bench.py reports as missed comes
+# with its explanation: which kernels, how many, how long, and how much of the wall time no kernel
 # covers (launch overhead and Python, what a CUDA graph removes).
 #
-# Cases, each run alone after a warm-up: the prefill of one 274-token prompt (target 5: PARA's time to first token
-# over base's), one eager decoding step at batch 1 (targets 1 and 3), and one step of the fast path (fast.py):
+# Cases, each run alone after a warm-up: the prefill of one 274-token prompt (goal 5: PARA's time to first token
+# over base's), one eager decoding step at batch 1 (goals 1 and 3), and one step of the fast path (fast.py):
 # replayed from its CUDA graph ("fast_graph") and, since a graph replay may show as one launch, its one_token()
 # run un-captured ("fast_kernels"), which lists the kernels the graph holds. On a GPU the profiler records CUDA
 # activity and a "kernel" is a device event (kernels, copies, memsets); on a CPU it records operators, a "kernel"
-# is an operator that calls no other, and times are CPU times.
+# is an operator that calls no other, and times are CPU times. Every case's wall time is measured first and
+# written; then each case's profile, the JSON rewritten after each, so a run stopped early keeps what it measured.
 import argparse
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -18,7 +20,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from .bench import DTYPES, METHODS, SHAPES, attach, emit, prompts, random_model, seconds, shape_and_dtype, sync
+from .bench import (DTYPES, METHODS, SHAPES, attach, device_name, emit, prompts, random_model, same_attention,
+                    seconds, shape_and_dtype, sync, versions, write)
 from .fast import Step, one_token
 from .generation import Request, prefill, serve
 from .serving import Tenants
@@ -88,10 +91,14 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=274, help="prompt tokens (274, the paper's Table 4)")
     p.add_argument("--rounds", type=int, default=10, help="timed calls of each case, in rounds over all (10)")
     p.add_argument("--top", type=int, default=15, help="kernels listed per case, by time (15)")
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--out", help="also write the JSON here, after the timings and again after each case's profile")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     shape, dtype = shape_and_dtype(a, device)
+    # CUPTI's teardown after a session, then its start again, can hang or crash once CUDA graphs were captured by
+    # hand; torch sets this in-process, before its profiler starts, only for the graphs of torch.compile
+    os.environ.setdefault("TEARDOWN_CUPTI", "0")
+    same_attention()
     model = random_model(SHAPES[shape], dtype, device)
     tenants = Tenants(model)
     [adapter] = attach(tenants, METHODS["para"], 1)
@@ -109,37 +116,49 @@ def main(argv=None):
     for _ in range(a.rounds):
         for case, fn in fns.items():
             times[case].append(seconds(fn, device))
-    out = {}
-    for case, fn in fns.items():
-        ms = statistics.median(times[case]) * 1e3
-        kernel_ms, n, top = kernels(fn, device, a.top)
-        graph = case.startswith("fast_graph") and graphs[case.split("_")[-1]].graph is not None
-        out[case] = {"wall_ms": ms, "kernel_ms": kernel_ms, "not_kernel_ms": ms - kernel_ms, "kernels": n,
-                     "cuda_graph": graph, "top": top}
-        print(f"{case:18s} wall {ms:8.2f} ms, kernels {kernel_ms:8.2f} ms in {n} launches", file=sys.stderr)
-    ratios = {kind: {key: out[f"{kind}_para"][key] / out[f"{kind}_base"][key] for key in ("wall_ms", "kernel_ms",
-                                                                                          "kernels")}
-              for kind in ("prefill", "eager", "fast_graph", "fast_kernels")}
-    return emit({
-        "shape": shape, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    out = {case: {"wall_ms": statistics.median(times[case]) * 1e3, "kernel_ms": None, "not_kernel_ms": None,
+                  "kernels": None, "top": None,
+                  "cuda_graph": case.startswith("fast_graph") and graphs[case.split("_")[-1]].graph is not None}
+           for case in fns}
+    report = {
+        "shape": shape, "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "prompt_len": a.prompt_len,
         "para": str(METHODS["para"]), "batch": 1,
         "definitions": {
             "wall_ms": "median wall time of one call without the profiler (GPU synchronised before and after), over "
                        "rounds that time every case once each",
             "kernel_ms": "CUDA: the summed durations of the profiled call's device events (kernels, copies, memsets);"
-                         " CPU: the summed self time of the operators that call no other",
+                         " CPU: the summed self time of the operators that call no other (null until that case's "
+                         "profile is done)",
             "not_kernel_ms": "wall_ms - kernel_ms: time no kernel covers (launches, Python, synchronisation)",
             "kernels": "how many such events (CUDA) or operators (CPU) the profiled call ran",
             "top": "the kernels with the most time, grouped by name: count, ms, share of kernel_ms",
             "cases": "prefill: one 274-token prompt (the first token included); eager: one decoding step of "
-                     "model.py; fast_graph: one fast.py step, replayed from its CUDA graph on a GPU (a replay may "
-                     "show as few events); fast_kernels: the same step's one_token() run un-captured",
-            "ratios": "PARA over base for each case",
+                     "model.py; fast_graph: one step of the fast path, replayed from its CUDA graph on a GPU (a "
+                     "replay may show as few events); fast_kernels: the same step run un-captured",
+            "ratios": "PARA over base for each case, once both are profiled",
+            "profiler": "one profiler session per case, after every case's wall time is measured; CUPTI is not torn "
+                        "down between sessions (TEARDOWN_CUPTI=0, torch's own workaround for CUDA graphs), and the "
+                        "JSON is rewritten after each session, so a run stopped early keeps what it measured",
+            "complete": "false until every case is profiled",
         },
-        "cases": out, "ratios": ratios,
-        "versions": {"torch": torch.__version__},
-    }, a.out)
+        "cases": out, "ratios": {}, "complete": False, "versions": versions(),
+    }
+    if a.out:
+        write(report, a.out)
+    for case, fn in fns.items():
+        kernel_ms, n, top = kernels(fn, device, a.top)
+        ms = out[case]["wall_ms"]
+        out[case] |= {"kernel_ms": kernel_ms, "not_kernel_ms": ms - kernel_ms, "kernels": n, "top": top}
+        print(f"{case:18s} wall {ms:8.2f} ms, kernels {kernel_ms:8.2f} ms in {n} launches", file=sys.stderr)
+        report["ratios"] = {kind: {key: out[f"{kind}_para"][key] / out[f"{kind}_base"][key]
+                                   for key in ("wall_ms", "kernel_ms", "kernels")}
+                            for kind in ("prefill", "eager", "fast_graph", "fast_kernels")
+                            if out[f"{kind}_para"]["kernels"] and out[f"{kind}_base"]["kernels"]}
+        if a.out:
+            write(report, a.out)
+    report["complete"] = True
+    return emit(report, a.out)
 
 
 if __name__ == "__main__":

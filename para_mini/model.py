@@ -310,8 +310,10 @@ class Transformer(nn.Module):
             return cos, sin, None
         keys, query = torch.arange(n_keys, device=input_pos.device), input_pos[None, :, None]  # [n_keys], [1, T, 1]
         first = 0 if pad is None else pad[:, None, None]  # each row's first real token
-        mask = (keys <= query) & (keys >= first)  # causal, and never a padding token                  [B, T, n_keys]
-        return cos, sin, (mask | (keys == query))[:, None]  # padding sees itself: no 0 / 0 in its softmax
+        sees = (keys <= query) & (keys >= first) | (keys == query)  # causal, never a padding token (but itself: no
+        # 0 / 0 in its softmax); made additive once here, where attention would convert a bool mask at every layer
+        mask = torch.zeros(sees.shape, dtype=self.tok_embeddings.weight.dtype, device=sees.device)
+        return cos, sin, mask.masked_fill(~sees, float("-inf"))[:, None]  # [B, 1, T, n_keys]
 
     def prompt_mask(self, T: int, prompt_lens, pad):
         """[B, T] True at the tokens PARA pools: each row's prompt, after its left padding."""

@@ -3,7 +3,9 @@
 # model.py carries one adapter at most and computes on plain tensors. Here every tenant is kept as its own adapter
 # modules (adapters.new_adapter: a vector generator per block, or wrappers around the model's shared projections),
 # and a batch installs into the model, for as long as it runs:
-#   - where every row uses the same tenant, that tenant's modules as they are: exactly the fine-tuned model;
+#   - where every row uses the same tenant, its vector generator as it is, and for its projections the terms its
+#     wrappers would compute at every token (A, alpha / r B, l, b), computed once per batch: the fine-tuned model's
+#     arithmetic exactly;
 #   - where rows differ, "row" versions of the modules, holding each row's own tenant's tensors stacked [B, ...]:
 #     RowVectors runs each PARA setting's vector generator with every row's own weights (torch.func.functional_call)
 #     and RowLinear adds each row's LoRA / BitFit term and (IA)^3 scale; rows of other adapters get the identity
@@ -23,7 +25,8 @@ from .adapters import LINEARS, SITES, AdapterConfig, attach, block_state, check_
 
 class RowLinear(nn.Linear):
     """A projection whose rows each carry their own tenant's terms: y = s * (W x + sum of x A^T B^T + b), where A, B
-    (alpha / r folded in), s and b are [B, ...], one per row (B = 0, s = 1, b = 0 on rows without that adapter)."""
+    (alpha / r folded in), s and b are [B, ...], one per row (B = 0, s = 1, b = 0 on rows without that adapter), or
+    shared by every row where all use one adapter."""
 
     def __init__(self, base: nn.Linear, lora: list, shift, scale):
         super().__init__(base.in_features, base.out_features, bias=False, device="meta")
@@ -118,13 +121,7 @@ class Tenants:
             raise KeyError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.adapters) or 'none'}")
         if self.model.adapter is not None:
             raise ValueError("tenants share a bare base model: an adapter was attached to it since")
-        used = set(names)
-        if used == {None}:
-            installed = None
-        elif len(used) == 1:  # one adapter for every row: its own modules, exactly as it was fine-tuned
-            installed = self.adapters[names[0]][1]
-        else:
-            installed = self.mixed(names)
+        installed = None if set(names) == {None} else self.installed(names)
         try:
             self.active = True
             for block, modules in zip(self.model.layers, installed or ()):
@@ -135,23 +132,44 @@ class Tenants:
             for block, base in zip(self.model.layers, self.base):
                 attach(block, {"vg": None, **base})
 
-    def mixed(self, names: list) -> list:
-        """Each block's row modules for a batch whose rows use these adapters. Their structure depends only on which
-        adapter settings the batch holds; those of an earlier batch with the same are refilled in place, so that a
-        captured decoding step reads the new rows' tensors where it reads them."""
-        settings = [None if n is None else self.adapters[n][0] for n in names]
-        key = (len(names), sorted({json.dumps(asdict(s)) for s in settings if s is not None}))
-        key = json.dumps(key)
-        fresh = [self.block_rows(i, names, settings) for i in range(len(self.model.layers))]
+    def installed(self, names: list) -> list:
+        """Each block's modules for a batch whose rows use these adapters. Their structure depends only on which
+        adapter settings the batch holds (or on the one adapter every row uses); those of an earlier batch with the
+        same are refilled in place, so that a captured decoding step reads the new rows' tensors where it reads them."""
+        if len(set(names)) == 1:
+            key, fresh = json.dumps(["one", names[0]]), [self.one(i, names[0]) for i in range(len(self.model.layers))]
+        else:
+            settings = [None if n is None else self.adapters[n][0] for n in names]
+            key = json.dumps([len(names), sorted({json.dumps(asdict(s)) for s in settings if s is not None})])
+            fresh = [self.block_rows(i, names, settings) for i in range(len(self.model.layers))]
         if key in self.kept:
             with torch.no_grad():
                 for mine, new in zip(self.kept[key], fresh):
                     for k in mine:
-                        for t, u in zip(mine[k].tensors(), new[k].tensors()):
+                        for t, u in zip(getattr(mine[k], "tensors", list)(), getattr(new[k], "tensors", list)()):
                             t.copy_(u)
             return self.kept[key]
         self.kept[key] = fresh
         return fresh
+
+    def one(self, i: int, name: str) -> dict:
+        """Block i's modules for a batch whose every row uses adapter `name`: its own vector generator, and for its
+        projections the very terms its wrappers compute at every token (A, alpha / r B, l or b, in the activations'
+        dtype), computed once for the batch."""
+        cfg, modules = self.adapters[name]
+        dtype, m = self.model.output.weight.dtype, modules[i]
+        if cfg.method == "para":
+            return {"vg": m["vg"]}
+        out = {}
+        for site in cfg.targets:
+            w, base = m[site], self.base[i][site]
+            if cfg.method == "lora":
+                out[site] = RowLinear(base, [(w.A.to(dtype), w.B.to(dtype) * w.scaling)], None, None)
+            elif cfg.method == "ia3":
+                out[site] = RowLinear(base, [], None, w.l().to(dtype))
+            else:
+                out[site] = RowLinear(base, [], w.b().to(dtype), None)
+        return out
 
     def block_rows(self, i: int, names: list, settings: list) -> dict:
         """Block i's RowVectors and RowLinears for these rows."""

@@ -4,6 +4,7 @@
 # a batch can mix tenants (serving.py). A file holds one tenant: its module's tensors, under
 # layers.{i}.<prefix>.<parameter>.
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
+from .loading import model_names
 from .model import LINEARS, METHODS, AdapterConfig, ModelArgs, Transformer
 
 PREFIX = {"para": "vg", "ia3": "ia3", "lora": "lora", "bitfit": "bitfit"}  # file key: layers.{i}.vg.down.weight
@@ -22,6 +24,19 @@ PREFIX = {"para": "vg", "ia3": "ia3", "lora": "lora", "bitfit": "bitfit"}  # fil
 def base_shape(args: ModelArgs) -> dict:
     return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
             "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size}
+
+
+def weights_digest(model: Transformer, whole=lambda t: t) -> str:
+    """The base model by shape and a sample of its values (every norm, a few embedding rows), rounded to bf16 so
+    that fp32 and bf16 loads agree: the same weights under another path or in another format have the same digest.
+    whole: gathers a sharded tensor (train.py under --shard, where every rank must call this)."""
+    h = hashlib.sha256(json.dumps(base_shape(model.args), sort_keys=True).encode())
+    for name in model_names(model.args):
+        if "norm" in name or name == "tok_embeddings.weight":
+            t = whole(model.get_parameter(name)).detach()
+            t = torch.cat([t[:8], t[-8:]]) if t.dim() == 2 else t
+            h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def add_adapter(model: Transformer, config: AdapterConfig, name: str = "default") -> str:
@@ -60,14 +75,15 @@ def adapter_state(model: Transformer, name: str) -> dict:
             for i, layer in enumerate(model.layers) for k, p in layer.adapters[bank][slot].named_parameters()}
 
 
-def save_adapter(model: Transformer, path, name: str = None, tensors: dict = None):
+def save_adapter(model: Transformer, path, name: str = None, tensors: dict = None, digest: str = None):
     """Write one adapter to a .safetensors file, atomically (a crash never leaves a half-written file).
-    tensors: its adapter_state already gathered whole, where the model is sharded across processes (train.py)."""
+    tensors, digest: its adapter_state already gathered whole and the base's weights_digest, where the model is
+    sharded across processes (train.py)."""
     name = name or _only_tenant(model)
     cfg = adapter_config(model, name)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in (tensors or adapter_state(model, name)).items()}
     metadata = {"format": "para-mini", "method": cfg.method, "config": json.dumps(dataclasses.asdict(cfg)),
-                "base": json.dumps(base_shape(model.args))}
+                "base": json.dumps(base_shape(model.args)), "base_digest": digest or weights_digest(model)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -77,7 +93,8 @@ def save_adapter(model: Transformer, path, name: str = None, tensors: dict = Non
 
 
 def read_adapter(path):
-    """(AdapterConfig, base shape, tensors) of an adapter file, with the file checked for what we need."""
+    """(AdapterConfig, base, tensors) of an adapter file, with the file checked for what we need. base: the base
+    model's shape, and its weights_digest under "digest" (files written before it was recorded have none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} not found")
@@ -95,15 +112,22 @@ def read_adapter(path):
     if unknown:
         raise ValueError(f"{path} has settings this version of para-mini does not know: {sorted(unknown)}")
     cfg["targets"] = tuple(cfg["targets"])
-    return AdapterConfig(**cfg), json.loads(meta["base"]), tensors
+    base = json.loads(meta["base"]) | ({"digest": meta["base_digest"]} if "base_digest" in meta else {})
+    return AdapterConfig(**cfg), base, tensors
 
 
-def load_adapter(model: Transformer, path, name: str = None) -> str:
-    """Attach the adapter stored at `path` to `model` as tenant `name` (default: the file's stem)."""
+def load_adapter(model: Transformer, path, name: str = None, other_base: bool = False) -> str:
+    """Attach the adapter stored at `path` to `model` as tenant `name` (default: the file's stem). A file made for
+    another shape is refused; one made on other weights of the same shape too, unless other_base=True."""
     cfg, base, tensors = read_adapter(path)
+    digest = base.pop("digest", None)
     if base != base_shape(model.args):
         raise ValueError(f"adapter {path} was trained for a base model of shape {base}, but the loaded model is "
                          f"{base_shape(model.args)}: load the base model the adapter was trained on")
+    if digest is not None and not other_base and digest != weights_digest(model):
+        raise ValueError(f"adapter {path} was trained on other base weights of the same shape (digest {digest}, "
+                         f"the loaded model's {weights_digest(model)}): load the base model it was trained on, or "
+                         "accept it anyway (other_base=True; generate.py --allow-other-base)")
     name = add_adapter(model, cfg, name or Path(path).stem)
     want = adapter_state(model, name)
     missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))

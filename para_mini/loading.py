@@ -231,11 +231,13 @@ def read_hf(path: Path):
 
 # --------------------------------------------------------------------------------------------------------- Meta
 
-def torch_load(file: Path):
+def torch_load(file: Path, mmap: bool = True):
+    """torch.load with weights_only (a file cannot run code); one line of error for a file it cannot read.
+    mmap=False for a file that is read once and then rewritten in place (train.py's checkpoint)."""
     if not file.exists():
         raise FileNotFoundError(f"{file} not found")
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
         raise ValueError(f"{file}: refused to unpickle: it holds Python objects other than tensors and plain "

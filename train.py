@@ -655,15 +655,15 @@ def train(args, on_step=None):
 def read_run_checkpoint(path):
     """train.py's checkpoint.pt, read with weights_only (it cannot run code); a file that cannot be read, or that is
     no checkpoint of ours, is one line of error."""
+    anew = "Start anew with --overwrite, or give another --out"
     try:
-        ck = torch_load(path, mmap=False)
+        ck = torch_load(path, mmap=False, remedy=anew)
     except ValueError as e:
-        raise ValueError(f"--resume: {e}; start anew with --overwrite, or give another --out") from None
+        raise ValueError(f"--resume: {e}" + ("" if str(e).endswith(anew) else f". {anew}")) from None
     keys = {"step", "best", "bad", "optimizer", "settings", "adapter"}
     if not isinstance(ck, dict) or not keys <= ck.keys():
         raise ValueError(f"--resume: {path} is not a checkpoint written by train.py (it has no "
-                         f"{', '.join(sorted(keys - set(ck if isinstance(ck, dict) else ())))}); start anew with "
-                         "--overwrite, or give another --out")
+                         f"{', '.join(sorted(keys - set(ck if isinstance(ck, dict) else ())))}). {anew}")
     return ck
 
 

@@ -346,7 +346,10 @@ def test_resume_on_a_checkpoint_that_cannot_be_read_is_one_line_and_exit_2(tmp_p
     train.train(short_run(tmp_path))
     ckpt = tmp_path / "run" / "checkpoint.pt"
     whole = ckpt.read_bytes()
+    foreign = (tmp_path / "run" / "adapter.safetensors").read_bytes()[:64]
     for damage, message in [(lambda: ckpt.write_bytes(whole[:len(whole) // 2]), "cannot read it"),
+                            (lambda: ckpt.write_bytes(b""), "cannot read it"),
+                            (lambda: ckpt.write_bytes(foreign), "cannot read it"),
                             (lambda: torch.save({"step": 4, "x": argparse.Namespace(a=1)}, ckpt),
                              "refused to unpickle"),
                             (lambda: torch.save({"step": 4}, ckpt), "not a checkpoint written by train.py")]:

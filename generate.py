@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from para_mini import Tenants, find_tokenizer, load_model, load_tokenizer
+from para_mini.cli import SEED, Parser, Range, StatusLine, at_least, device
 from para_mini.generation import Request, beam_search, generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,16 +39,22 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OVERRIDES = {"system": str, "chat": bool, "max_new_tokens": int, "temperature": (int, float), "top_k": int,
              "top_p": (int, float), "seed": int, "beam": int, "length_penalty": (int, float), "num_return": int}
 SETTINGS = ("temperature", "top_k", "top_p", "beam", "length_penalty", "num_return")  # shared by a batch
+# the range of each numeric setting, for its flag and for the same field of a request line
+RANGES = {"max_new_tokens": at_least(1), "temperature": at_least(0.0), "top_k": at_least(0),
+          "top_p": Range(float, 0.0, 1.0, low_open=True), "seed": SEED, "beam": at_least(1),
+          "length_penalty": Range(float), "num_return": at_least(1)}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = Parser(prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--weights", required=True, help="checkpoint: HF or Meta directory, llama2.c .bin / .pt")
     g.add_argument("--tokenizer", help="tokenizer.model (default: tokenizer.model inside or beside --weights)")
     g.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                    help="adapter .safetensors file, repeatable; its name is NAME or the file's stem")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    g.add_argument("--allow-other-base", action="store_true",
+                   help="load an adapter trained on other base weights of the same shape (refused by default)")
+    g.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("input and output")
@@ -58,27 +65,54 @@ def parse_args(argv=None):
     g.add_argument("--no-chat", dest="chat", action="store_false",
                    help="feed the raw text after BOS instead of the LLaMA-2 chat template")
     g.add_argument("--system", help="system prompt inside the chat template (default: none)")
-    g.add_argument("--batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    g.add_argument("--batch-size", type=at_least(1), default=16, help="requests decoded together (default 16)")
     g = p.add_argument_group("decoding (defaults for every request)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="token budget per answer (default 256)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding this "
+    g.add_argument("--max-new-tokens", type=RANGES["max_new_tokens"], default=256, help="token budget per answer (default 256)")
+    g.add_argument("--temperature", type=RANGES["temperature"], default=0.0, help="0 (default): greedy; > 0: sampling")
+    g.add_argument("--top-k", type=RANGES["top_k"], default=0, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=RANGES["top_p"], default=1.0, help="sample among the most likely tokens holding this "
                    "much probability (default 1: all)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed; a request's output depends only on its "
+    g.add_argument("--seed", type=RANGES["seed"], default=0, help="sampling seed; a request's output depends only on its "
                    "own prompt, adapter and seed (default 0)")
-    g.add_argument("--beam", type=int, default=1, help="beam size; > 1: beam search (default 1)")
-    g.add_argument("--length-penalty", type=float, default=1.0,
+    g.add_argument("--beam", type=RANGES["beam"], default=1, help="beam size; > 1: beam search (default 1)")
+    g.add_argument("--length-penalty", type=RANGES["length_penalty"], default=1.0,
                    help="beam score = sum of log-probs / length ** this (default 1.0, as Hugging Face)")
-    g.add_argument("--num-return", type=int, default=1, help="beam search: how many best hypotheses to return")
+    g.add_argument("--num-return", type=RANGES["num_return"], default=1,
+                   help="beam search: how many best hypotheses to return, at most --beam (default 1)")
     g.add_argument("--fast", action="store_true", help="replay the decoding step from a CUDA graph on a GPU "
                    "(para_mini/fast.py): the same step, the same tokens")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.output and not args.requests:
         p.error("--output goes with --requests; a --prompt is answered on the terminal")
     if args.prompt is not None and len(args.adapter) > 1:
         p.error("--prompt uses at most one --adapter; mix adapters with --requests")
+    if args.prompt is not None and args.num_return > args.beam:  # a request line may set its own beam
+        p.error(f"--num-return {args.num_return} asks for more hypotheses than --beam {args.beam} keeps")
     return args
+
+
+def check_files(args):
+    """Every file a flag names is there (an --adapter folder is named as one), before the model loads."""
+    if not Path(args.weights).exists():
+        raise FileNotFoundError(f"--weights {args.weights}: no such file or folder")
+    if args.output and Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder: give a .jsonl file to write the answers to")
+    for flag, path in [("--tokenizer", args.tokenizer), ("--requests", args.requests)] + \
+            [("--adapter", spec.split("=", 1)[-1]) for spec in args.adapter]:
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            inside = Path(path) / "adapter.safetensors"
+            want = {"--tokenizer": "tokenizer.model", "--requests": "a .jsonl file",
+                    "--adapter": f"an adapter .safetensors file{f', such as {inside}' if inside.is_file() else ''}"}
+            raise ValueError(f"{flag} {path} is a folder: give {want[flag]}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
 
 
 def load(args):
@@ -92,7 +126,7 @@ def load(args):
     tenants = Tenants(model)  # the adapters, by name; each request's row runs with its own
     for spec in args.adapter:
         name, path = spec.split("=", 1) if "=" in spec else (None, spec)
-        tenants.load(path, name)
+        tenants.load(path, name, other_base=args.allow_other_base)
     return model, tok, tenants
 
 
@@ -128,6 +162,9 @@ def read_requests(path, defaults):
             error = f"unknown field(s) {unknown}; allowed: prompt, adapter, id, {', '.join(OVERRIDES)}"
         elif wrong:
             error = f"field(s) {wrong} have the wrong type"
+        elif any(k in obj and RANGES[k].problem(obj[k]) for k in RANGES):
+            error = "; ".join(f"\"{k}\" {RANGES[k].problem(obj[k])}" for k in RANGES
+                              if k in obj and RANGES[k].problem(obj[k]))
         else:
             out.append((n, where, obj, {**defaults, **{k: obj[k] for k in OVERRIDES if k in obj}}, None))
             continue
@@ -221,19 +258,18 @@ class Progress:
     def __init__(self, total):
         self.total, self.done, self.failed, self.tokens = total, 0, 0, 0
         self.t0 = self.logged = time.time()
-        self.tty = sys.stderr.isatty()
+        self.status = StatusLine(sys.stderr)  # errors go through it too, so they never land on the progress line
 
     def add(self, answers):
         self.done += len(answers)
         self.failed += sum("error" in a for a in answers)
         self.tokens += sum(a.get("new_tokens", 0) for a in answers)
         now = time.time()
-        if self.tty or now - self.logged >= self.LOG_SECONDS or self.done == self.total:
+        if self.status.tty or now - self.logged >= self.LOG_SECONDS or self.done == self.total:
             self.logged, el = now, now - self.t0
-            line = (f"requests {self.done}/{self.total}  {self.failed} failed  {self.tokens / max(el, 1e-9):,.0f} "
-                    f"new tok/s  elapsed {el:,.0f}s  eta {el / self.done * (self.total - self.done):,.0f}s")
-            end = "\n" if not self.tty or self.done == self.total else ""
-            print(("\r" + line + " " * 4) if self.tty else line, end=end, file=sys.stderr, flush=True)
+            self.status.update(f"requests {self.done}/{self.total}  {self.failed} failed  "
+                               f"{self.tokens / max(el, 1e-9):,.0f} new tok/s  elapsed {el:,.0f}s  "
+                               f"eta {el / self.done * (self.total - self.done):,.0f}s", keep=self.done == self.total)
 
 
 def answer_prompt(model, tok, tenants, args):
@@ -262,6 +298,7 @@ def answer_prompt(model, tok, tenants, args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_files(args)
         model, tok, tenants = load(args)
         if args.prompt is not None:
             return answer_prompt(model, tok, tenants, args)
@@ -284,7 +321,9 @@ def main(argv=None):
     def write(answers):  # as soon as a batch is done, so an interruption loses only the batch in flight
         for a in answers:
             if "error" in a:
-                print(f"error: {a['error']}", file=sys.stderr)
+                progress.status.print(f"error: {a['error']}")
+        if sink is sys.stdout:
+            progress.status.end()  # answers on the terminal: never after the progress line on the same screen
         sink.write("".join(json.dumps({k: v for k, v in a.items() if k != "new_tokens"}, ensure_ascii=False) + "\n"
                            for a in answers))
         sink.flush()
@@ -293,10 +332,11 @@ def main(argv=None):
     try:
         serve(model, tok, tenants, entries, args, write)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {progress.done} of {len(entries)} answers written to {where}"
-              + (" (run the same command again to answer the rest)" if args.output else ""), file=sys.stderr)
+        progress.status.print(f"interrupted: {progress.done} of {len(entries)} answers written to {where}"
+                              + (" (run the same command again to answer the rest)" if args.output else ""))
         sys.exit(130)
     finally:
+        progress.status.end()
         if args.output:
             sink.close()
     if progress.failed:

@@ -7,9 +7,9 @@
     python lab.py attention             # Figures 3-6: attention maps under PARADE and (IA)^3
 
 Everything trains on the shared 260K-parameter TinyStories model (the LLaMA-2 architecture at toy scale) through
-train.py, with settings small enough that each table takes under 20 minutes on a 2-core CPU. Each command writes
-lab/results/<name>.json and .md and prints the table; the runs themselves go to lab/runs/. LAB.md has the exercises
-and the numbers we measured.
+train.py, with settings small enough that each table takes under 30 minutes on a 2-core CPU. Each command prints its
+table and writes it as <name>.md and .json to lab/runs/results/ (git-ignored, beside the runs themselves in
+lab/runs/); lab/results/ holds the reference tables that LAB.md shows, and --results lab/results refreshes them.
 """
 import argparse
 import contextlib
@@ -33,13 +33,15 @@ import torch
 
 import train
 from para_mini import AdapterConfig, count_parameters, load_adapter, load_model, load_tokenizer
+from para_mini.cli import SEED, Parser, at_least
 from para_mini.data import LABELS, SYSTEM_PROMPT, load_task, one_per_query
 from para_mini.metrics import score
 from para_mini.model import VectorGenerator, apply_rope
 from para_mini.tokenizer import B_INST, B_SYS, E_SYS
 
 ROOT = Path(__file__).resolve().parent
-RESULTS, RUNS = ROOT / "lab" / "results", ROOT / "lab" / "runs"
+# lab/results: the reference tables LAB.md shows (committed); a rerun writes to lab/runs/results unless told otherwise
+REFERENCE, RUNS = ROOT / "lab" / "results", ROOT / "lab" / "runs"
 
 # Each task's files and training settings (LAB.md says how they were found and what each did). GLUE's SST-2 test
 # split has no labels, so its labelled dev.tsv (872 examples, all used) is the test set and train.py takes a seeded
@@ -194,19 +196,23 @@ def verdict(name_a: str, accs_a: list, name_b: str, accs_b: list, n: int) -> str
     return f"{name_a} vs {name_b}: {diff:+.1f} points, within the noise (±{noise:.1f}): no difference shown"
 
 
-def threads_per_run(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // jobs)
+def train_alone(opts, *job) -> dict:
+    """train_one with one thread, in this process or a worker. The number of threads changes the order in which
+    floating-point sums are added up, and a hundred steps at lr 1e-2 amplify the last bit into other accuracies (the
+    quick SST-2 table's PARA, last token: 43.5 with one thread, 51.0 with two); with one thread everywhere, a rerun
+    on the same torch and CPU gives the reference's numbers, whatever the machine's cores and --jobs."""
+    torch.set_num_threads(1)
+    return train_one(opts, *job)
 
 
 def train_many(opts, jobs: list) -> list:
-    """train_one for each (table, name, cfg, seed, extra) in jobs, --jobs of them at a time. A model this small
+    """train_alone for each (table, name, cfg, seed, extra) in jobs, --jobs of them at a time. A model this small
     keeps one core busy with small matrix products far better than two, so separate processes with one thread each
     finish sooner than one process with every thread; the runs are independent, and their results do not change."""
     if opts.jobs <= 1:
-        return [train_one(opts, *job) for job in jobs]
-    with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads_per_run(opts.jobs),)) as pool:
-        return list(pool.map(train_one, [opts] * len(jobs), *zip(*jobs)))
+        return [train_alone(opts, *job) for job in jobs]
+    with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(train_alone, [opts] * len(jobs), *zip(*jobs)))
 
 
 def run_rows(opts, table: str, rows: list) -> list:
@@ -299,19 +305,20 @@ def shown(path: Path) -> str:
 
 
 def write_result(opts, name: str, title: str, wall: float, body: str, data: dict, note: str = ""):
-    jobs, command = opts.jobs, opts.command
-    threads = f"{jobs} runs at once, {threads_per_run(jobs)} thread(s) each" if jobs > 1 else \
-        f"{torch.get_num_threads()} threads"
+    jobs, command, results = opts.jobs, opts.command, opts.results
+    threads = f"{jobs} runs at once, 1 thread(s) each" if jobs > 1 else "1 run at a time, 1 thread"
     machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, {threads}"
     took = f"{wall / 60:.1f} min" if wall >= 60 else f"{wall:.0f} s"
     md = f"### {title}\n\n`{command}` ({machine}; wall time {took})\n\n"
     md += (note + "\n\n" if note else "") + body + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(md)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.md").write_text(md)
     record = {"name": name, "title": title, "command": command, "machine": machine, "wall_seconds": round(wall, 1)}
-    (RESULTS / f"{name}.json").write_text(json.dumps(record | data, indent=2, default=str) + "\n")
+    (results / f"{name}.json").write_text(json.dumps(record | data, indent=2, default=str) + "\n")
     print("\n" + md)
-    print(f"written: {RESULTS / name}.md, .json")
+    print(f"written: {shown(results / name)}.md, .json")
+    if results.resolve() != REFERENCE.resolve() and (REFERENCE / f"{name}.md").is_file():
+        print(f"the reference: {shown(REFERENCE / name)}.md (LAB.md, \"Rerunning the lab\", says what should match)")
 
 
 def run_table(opts, t0, name: str, title: str, rows: list, note: str, **extra):
@@ -630,7 +637,7 @@ def cmd_attention(opts):
         lines.append(f"| {i} | {last['base']:.3f} / {last['(IA)^3']:.3f} / {last['PARADE']:.3f} | "
                      f"{among['base']:.3f} / {among['(IA)^3']:.3f} / {among['PARADE']:.3f} |")
 
-    folder = RESULTS / f"attention-{opts.data}{opts.suffix}"
+    folder = opts.results / f"attention-{opts.data}{opts.suffix}"
     folder.mkdir(parents=True, exist_ok=True)
     images = []
     for i in opts.layers:
@@ -646,11 +653,11 @@ def cmd_attention(opts):
         images.append(path)
     note = (f"Prompt: test example {opts.index} of {opts.data} ({T} tokens, the system prompt is tokens 0-"
             f"{sys_end - 1}). PARADE `{shown(para_path)}`, (IA)^3 `{shown(ia3_path)}` ({describe(ia3_cfg)}). Images "
-            f"`{folder.relative_to(ROOT)}/layer<i>.png`: one row per head ({', '.join(map(str, opts.heads))}), "
+            f"`{shown(folder)}/layer<i>.png`: one row per head ({', '.join(map(str, opts.heads))}), "
             "columns PARADE | (IA)^3 | PARADE - (IA)^3 (blue: less under PARADE, red: more); rows are query tokens, "
             "columns the keys they attend to; colour = sqrt(weight) (viridis, 0 to 1) and, for the difference, "
             "sqrt of its share of the largest difference.")
-    body = "\n".join(lines) + "\n\n" + "\n".join(f"![layer {i}]({p.relative_to(RESULTS)})"
+    body = "\n".join(lines) + "\n\n" + "\n".join(f"![layer {i}]({p.relative_to(opts.results)})"
                                                   for i, p in zip(opts.layers, images))
     write_result(opts, f"attention-{opts.data}{opts.suffix}",
                  f"Attention under PARADE and (IA)^3 (paper Figures 3-6, {opts.data})", time.time() - t0, body,
@@ -661,7 +668,7 @@ def cmd_attention(opts):
 # ------------------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Flags after -- go to train.py and override the table's settings, e.g. "
                                        "python lab.py compare -- --max-steps 50 --lr 3e-3")
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared",
@@ -672,34 +679,38 @@ def parse_args(argv=None):
         s = sub.add_parser(name, help=help, description=help)
         s.add_argument("--data", choices=sorted(TASKS), default=data, help=f"task (default: {data})")
         if seeds:
-            s.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; with --quick: 0)")
-        s.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                       help="training runs at once, each in its own process (default: 2, or 1 on a 1-core machine)")
+            s.add_argument("--seeds", type=SEED, nargs="+", help="seeds (default: 0 1 2; with --quick: 0)")
+        s.add_argument("--jobs", type=at_least(1), default=min(2, os.cpu_count() or 1),
+                       help="training runs at once, each in its own process with one thread (default: 2, or 1 on a "
+                            "1-core machine); the results do not depend on it")
         s.add_argument("--quick", action="store_true", help="the classroom version, under a minute: one seed, "
                        "fewer steps and test examples (results go to <name>-quick.md / .json)")
+        s.add_argument("--results", type=Path, default=RUNS / "results",
+                       help="where the table goes (default: lab/runs/results, git-ignored); lab/results holds the "
+                            "reference tables LAB.md shows: --results lab/results refreshes them")
         return s
 
     s = command("compare", "Table 1 in miniature: PARADE, PARA (last token), (IA)^3, LoRA and BitFit at matched "
                 "budgets beside the majority class, median of 3 seeds")
-    s.add_argument("--target", type=int, help="parameter budget (default: PARA r=12's count, 22,220)")
+    s.add_argument("--target", type=at_least(1), help="parameter budget (default: PARA r=12's count, 22,220)")
     command("ablations", "Table 6: PARADE against PARADE-1 (last-token pooler), PARADE-2 (routing pooler), "
             "PARADE-3 (q,k,v,g,u) and PARADE-4 (q,v) at matched budgets, median of 3 seeds", data="boolq")
     s = command("sweep", "Figure 2: PARADE's bottleneck r, median of 3 seeds", data="boolq")
-    s.add_argument("--r", type=int, nargs="+", default=[3, 6, 12, 24], help="bottlenecks (default: 3 6 12 24)")
+    s.add_argument("--r", type=at_least(1), nargs="+", default=[3, 6, 12, 24], help="bottlenecks (default: 3 6 12 24)")
     s = command("vectors", "Do PARA's generated vectors depend on the prompt? Spread across prompts per layer and "
                 "target, for the capsule and last-token poolers, pooling the system prompt with the query or the "
                 "query alone (trains the four adapters first unless --para is given)", seeds=False)
     s.add_argument("--para", nargs="+", help="trained PARA adapter files (default: train four, see LAB.md)")
-    s.add_argument("--n", type=int, default=128, help="prompts from the test set (default 128)")
+    s.add_argument("--n", type=at_least(1), default=128, help="prompts from the test set (default 128)")
     s = command("attention", "Figures 3-6: attention maps of one prompt under PARADE and (IA)^3, as PNGs (trains "
                 "both adapters first unless --para and --ia3 are given)", seeds=False)
     s.add_argument("--para", help="a trained PARA adapter file (default: train one)")
     s.add_argument("--ia3", help="a trained (IA)^3 adapter file (default: train one)")
-    s.add_argument("--index", type=int, default=0, help="which test example's prompt (default 0)")
-    s.add_argument("--layers", type=int, nargs="+", default=[0, 2, 4], help="layers to draw (default 0 2 4)")
-    s.add_argument("--heads", type=int, nargs="+", default=[0, 4], help="heads to draw (default 0 4, the paper's "
+    s.add_argument("--index", type=at_least(0), default=0, help="which test example's prompt (default 0)")
+    s.add_argument("--layers", type=at_least(0), nargs="+", default=[0, 2, 4], help="layers to draw (default 0 2 4)")
+    s.add_argument("--heads", type=at_least(0), nargs="+", default=[0, 4], help="heads to draw (default 0 4, the paper's "
                    "0-th and 16-th of 32 scaled to 8)")
-    s.add_argument("--scale", type=int, default=3, help="pixels per token (default 3)")
+    s.add_argument("--scale", type=at_least(1), default=3, help="pixels per token (default 3)")
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     opts = p.parse_args(ours)
@@ -708,14 +719,20 @@ def parse_args(argv=None):
     opts.seeds = getattr(opts, "seeds", None) or ([0] if opts.quick or opts.cmd in ("vectors", "attention")
                                                   else list(SEEDS))
     opts.suffix = "-quick" if opts.quick else ""
-    opts.command = "python lab.py " + " ".join(argv)
+    # the command as the table shows it: without --results, so that a refreshed reference names the command to rerun
+    shown_argv = [a for i, a in enumerate(ours) if not (a.startswith("--results") or ours[i - 1:i] == ["--results"])]
+    opts.command = "python lab.py " + " ".join(shown_argv + (["--"] + extra if "--" in argv else []))
     return opts
 
 
 def main(argv=None):
     opts = parse_args(argv)
     if not (opts.shared / "assets" / "stories260K" / "hf").is_dir():
-        sys.exit(f"error: the shared 260K model is not at {opts.shared / 'assets/stories260K/hf'}; give --shared")
+        print(f"error: the shared 260K model is not at {opts.shared / 'assets/stories260K/hf'}; give --shared",
+              file=sys.stderr)
+        sys.exit(2)
+    run_settings(opts)  # train.py's own checks of the flags after --, before anything trains
+    torch.set_num_threads(1)  # every number computed here, as in the runs (train_alone), with one thread
     {"compare": cmd_compare, "ablations": cmd_ablations, "sweep": cmd_sweep, "vectors": cmd_vectors,
      "attention": cmd_attention}[opts.cmd](opts)
 

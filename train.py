@@ -33,10 +33,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_model, load_tokenizer,
                        save_adapter)
-from para_mini.adapters import adapter_state, base_shape, block_state, new_adapter, read_adapter
+from para_mini.adapters import adapter_state, base_shape, block_state, new_adapter, read_adapter, weights_digest
+from para_mini.cli import SEED, Parser, StatusLine, above, at_least, between, device
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
 from para_mini.generation import generate_texts
-from para_mini.loading import check_tensors, model_names, read_checkpoint
+from para_mini.loading import check_tensors, read_checkpoint, torch_load
 from para_mini.metrics import METRIC, score
 from para_mini.model import Transformer
 
@@ -45,16 +46,17 @@ MAX_NEW_TOKENS = {"gsm8k": 256, "e2e": 96, "wikisql": 96, "alpaca": 256, "generi
                   "record": 32}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = Parser(prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="training file (jsonl / tsv / csv / json as published)")
     g.add_argument("--dev", help="dev file (default: a seeded 10%% split of --data)")
     g.add_argument("--test", help="test file (default: a seeded 10%% split of --data when --dev is not given)")
     g.add_argument("--task", help="task name; default: recognised from the file's fields")
-    g.add_argument("--max-train", type=int, help="use only the first N training examples (after shuffling)")
-    g.add_argument("--max-eval", type=int, help="evaluate on at most N dev / test examples")
-    g.add_argument("--max-len", type=int, default=512, help="tokens per example; passages are cut to fit (512)")
+    g.add_argument("--max-train", type=at_least(1), help="use only the first N training examples (after shuffling)")
+    g.add_argument("--max-eval", type=at_least(1), help="evaluate on at most N dev / test examples")
+    g.add_argument("--max-len", type=at_least(1), default=512,
+                   help="tokens per example; passages are cut to fit (default 512)")
     g.add_argument("--skip-long", action="store_true",
                    help="leave out (and count) examples too long for --max-len even with their passage cut, "
                         "instead of stopping with an error naming the file and line")
@@ -66,44 +68,61 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--weights", required=True, help="checkpoint: HF or Meta directory, llama2.c .bin / .pt")
     g.add_argument("--tokenizer", help="tokenizer.model (default: found beside or inside --weights)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if a GPU is visible, else cpu")
     g.add_argument("--dtype", choices=["fp32", "bf16"], help="backbone dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     g.add_argument("--shard", action="store_true",
                    help="under torchrun: split the backbone across the GPUs (FSDP2), for a model larger than one GPU")
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=["para", "lora", "ia3", "bitfit"], default="para")
+    g.add_argument("--method", choices=["para", "lora", "ia3", "bitfit"], default="para",
+                   help="the adapter to train (default para)")
     g.add_argument("--targets", help="comma-separated among q,k,v,o,g,u,d (default: the method's own)")
-    g.add_argument("--r", type=int, help="PARA bottleneck (default 12) or LoRA rank (default 4)")
+    g.add_argument("--r", type=at_least(1), help="PARA bottleneck (default 12) or LoRA rank (default 4)")
     g.add_argument("--pooler", choices=["capsule", "last", "routing", "mean"], default="capsule",
-                   help="PARA pooler: capsule = PARADE, last = PARA / PARADE-1, routing = PARADE-2")
-    g.add_argument("--K", type=int, default=4, help="PARA capsules (default 4)")
-    g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA scaling alpha (update * alpha / r)")
-    g.add_argument("--proj", type=int, default=0,
-                   help="(IA)^3 / BitFit: make the vectors through a projection of this size (paper 4.1; 0: off)")
+                   help="PARA pooler: capsule = PARADE (default), last = PARA / PARADE-1, routing = PARADE-2")
+    g.add_argument("--K", type=at_least(1), default=4, help="PARA capsules; must divide --r (default 4)")
+    g.add_argument("--lora-alpha", type=above(0.0), default=8.0,
+                   help="LoRA scaling alpha: the update is scaled by alpha / r (default 8)")
+    g.add_argument("--proj", type=at_least(0), default=0,
+                   help="(IA)^3 / BitFit: make the vectors through a projection of this size (paper 4.1; default 0: "
+                        "off)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup", type=float, default=0.06, help="fraction of steps of linear warm-up")
-    g.add_argument("--epochs", type=float, default=3)
-    g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
-    g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per optimizer step (under torchrun: shared among the GPUs)")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-    g.add_argument("--eval-every", type=int, default=100, help="dev loss every N steps")
-    g.add_argument("--patience", type=int, default=10, help="stop after N evaluations without a better dev loss")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--lr", type=above(0.0), default=1e-4, help="peak learning rate of AdamW (default 1e-4, the "
+                   "paper's for 7B; the 260K model wants about 1e-2)")
+    g.add_argument("--weight-decay", type=at_least(0.0), default=0.0, help="AdamW's weight decay (default 0)")
+    g.add_argument("--warmup", type=between(0.0, 1.0), default=0.06,
+                   help="fraction of the steps spent on linear warm-up, then linear decay to 0 (default 0.06)")
+    g.add_argument("--epochs", type=above(0.0), default=3, help="passes over the training data, may be fractional "
+                   "(default 3; --max-steps overrides it)")
+    g.add_argument("--max-steps", type=at_least(0), help="optimizer steps (default: from --epochs); 0 trains "
+                   "nothing and evaluates the untrained adapter")
+    g.add_argument("--batch-size", type=at_least(1), default=8, help="examples per micro-batch (default 8)")
+    g.add_argument("--grad-accum", type=at_least(1), default=1,
+                   help="micro-batches per optimizer step (under torchrun: shared among the GPUs; default 1)")
+    g.add_argument("--clip", type=above(0.0), default=1.0, help="gradient norm clipping (default 1.0)")
+    g.add_argument("--eval-every", type=at_least(1), default=100, help="dev loss every N steps (default 100)")
+    g.add_argument("--patience", type=at_least(1), default=10,
+                   help="stop after N evaluations without a better dev loss (default 10)")
+    g.add_argument("--seed", type=SEED, default=42, help="data order, split and initialisation (default 42)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run directory (default: runs/<task>-<method>); a folder that already holds a "
                    "run is refused unless --resume or --overwrite is given")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true",
                    help="delete the run already in --out (adapter, checkpoint, summary, predictions) and start anew")
-    g.add_argument("--beam", type=int, default=3, help="beam size for test predictions (the paper: 3)")
-    g.add_argument("--max-new-tokens", type=int, help="generation budget (default: per task)")
-    g.add_argument("--eval-batch-size", type=int, default=16)
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--beam", type=at_least(1), default=3,
+                   help="beam size for the predictions (default 3, the paper's; 1: greedy)")
+    g.add_argument("--max-new-tokens", type=at_least(1), help="generation budget (default: per task)")
+    g.add_argument("--eval-batch-size", type=at_least(1), default=16,
+                   help="examples per batch of dev loss and predictions (default 16)")
+    g.add_argument("--log-every", type=at_least(1), default=10, help="show the training loss every N steps "
+                   "(default 10)")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
@@ -203,6 +222,7 @@ def dev_loss(model, pairs, args, pad_id, autocast, show=None):
 
 
 def atomic_save(obj, path):
+    path.parent.mkdir(parents=True, exist_ok=True)  # the run's folder is made by its first file
     tmp = Path(str(path) + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -222,25 +242,12 @@ def file_digest(path):
     return "sha256:" + h.hexdigest()[:16]
 
 
-def weights_digest(model):
-    """The base model by shape and a sample of its values (every norm, a few embedding rows), rounded to bf16 so
-    that fp32 and bf16 loads agree: the same weights under another path or in another format are the same run.
-    Under --shard every rank must call this (it gathers the sampled tensors whole)."""
-    h = hashlib.sha256(json.dumps(base_shape(model.args), sort_keys=True).encode())
-    for name in model_names(model.args):
-        if "norm" in name or name == "tok_embeddings.weight":
-            t = whole(model.get_parameter(name)).detach()
-            t = torch.cat([t[:8], t[-8:]]) if t.dim() == 2 else t
-            h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
-    return "sha256:" + h.hexdigest()[:16]
-
-
 def same_run_settings(args, model):
     # files by content, not by how their path is spelt (a relative and an absolute path are the same file);
-    # made once per run, on every rank under --shard (weights_digest gathers)
+    # made once per run, on every rank under --shard (weights_digest gathers); the adapter file records it too
     settings = {k: getattr(args, k) for k in SAME_RUN}
     settings["data"], settings["dev"] = file_digest(args.data), args.dev and file_digest(args.dev)
-    settings["weights"] = weights_digest(model)
+    settings["weights"] = weights_digest(model, whole)
     return settings
 
 
@@ -253,11 +260,12 @@ def checkpoint_state(model, opt, step, best, bad, settings):
 
 
 class Progress:
-    """One updating line on a terminal; a plain line per log step otherwise (logs, CI)."""
+    """The step line, updated in place on a terminal and kept on screen when an evaluation starts; the evaluations'
+    own progress, erased when their result is printed; a plain line per log step otherwise (logs, CI)."""
     LOG_SECONDS = 30  # evaluation progress in a log: a line at most this often, so long evaluations are not silent
 
     def __init__(self, total, start_step):
-        self.total, self.start_step, self.t0, self.tty = total, start_step, time.time(), sys.stdout.isatty()
+        self.total, self.start_step, self.t0, self.status = total, start_step, time.time(), StatusLine(sys.stdout)
         self.tokens, self.train_seconds = 0, 0.0  # tokens/s counts training steps, not evaluations
         self.phase, self.phase_t0, self.phase_done, self.logged = None, 0.0, 0, 0.0
 
@@ -266,9 +274,8 @@ class Progress:
         done = step + 1 - self.start_step
         eta = el / max(1, done) * (self.total - step - 1)
         tps = self.tokens / max(self.train_seconds, 1e-9)
-        line = (f"step {step + 1}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
-                f"  elapsed {el:,.0f}s  eta {eta:,.0f}s")
-        print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.status.update(f"step {step + 1}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
+                           f"  elapsed {el:,.0f}s  eta {eta:,.0f}s", keep=True)
 
     def count(self, what, done, total):
         """Progress through an evaluation (dev loss, predictions), with its own elapsed time and ETA."""
@@ -276,15 +283,14 @@ class Progress:
         if what != self.phase or done <= self.phase_done:  # a new evaluation starts its own clock
             self.phase, self.phase_t0, self.logged = what, now - 1e-9, now
         self.phase_done = done
-        if not self.tty and (now - self.logged < self.LOG_SECONDS or done == total):
+        if not self.status.tty and (now - self.logged < self.LOG_SECONDS or done == total):
             return
         self.logged = now
         el = now - self.phase_t0
-        line = f"{what}: {done}/{total}  elapsed {el:,.0f}s  eta {el / done * (total - done):,.0f}s"
-        print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.status.update(f"{what}: {done}/{total}  elapsed {el:,.0f}s  eta {el / done * (total - done):,.0f}s")
 
     def message(self, text):
-        print(("\n" if self.tty else "") + text, flush=True)
+        self.status.print(text)
 
 
 # What a run leaves in its folder: a new run must not mix its files with these.
@@ -303,10 +309,9 @@ def claim_out(out, args, rank=0):
     if found and not args.overwrite:
         raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): continue it with --resume, "
                               "replace it with --overwrite, or give another --out")
-    if rank == 0:
+    if rank == 0:  # the folder itself is made by the run's first file, so a run that fails before has left none
         for name in found:
             (out / name).unlink()
-        out.mkdir(parents=True, exist_ok=True)
 
 
 # ------------------------------------------------------------------------------- more than one process (torchrun)
@@ -408,7 +413,28 @@ def set_optimizer(opt, params, state):
     opt.load_state_dict(state)
 
 
+class Stopped(KeyboardInterrupt):
+    """A Ctrl-C after which train() has said what the run kept."""
+
+
+def check_files(args):
+    """Every file a flag names exists and is a file (--weights: or a folder), before anything is read."""
+    for flag in ("data", "dev", "test", "tokenizer"):
+        path = getattr(args, flag)
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"--{flag} {path} is a folder: give the file itself"
+                             + (" (tokenizer.model)" if flag == "tokenizer" else " (.jsonl, .json, .tsv or .csv)"))
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"--{flag} {path}: no such file")
+    if not Path(args.weights).exists():
+        raise FileNotFoundError(f"--weights {args.weights}: no such file or folder")
+
+
 def train(args, on_step=None):
+    check_files(args)
+    targets = tuple(args.targets.split(",")) if args.targets else ()
+    cfg = AdapterConfig(args.method, targets, r=args.r or 0, pooler=args.pooler, K=args.K, alpha=args.lora_alpha,
+                        proj=args.proj)
     torch.manual_seed(args.seed)
     rank, world = start_processes(args)  # (0, 1) without torchrun
     device = args.device
@@ -432,13 +458,12 @@ def train(args, on_step=None):
     test_eval = one_per_query(test_ex)[:args.max_eval] if test_ex else None
     out = Path(args.out or f"runs/{task}-{args.method}")
     claim_out(out, args, rank)  # before the model loads: a refused folder costs nothing
+    ckpt_path, adapter_path = out / "checkpoint.pt", out / "adapter.safetensors"
+    ck = read_run_checkpoint(ckpt_path) if args.resume else None  # and an unreadable checkpoint neither
     if world > 1:
         dist.barrier()  # every rank starts once rank 0 has emptied the folder (--overwrite)
 
     # model, tokenizer, adapter
-    targets = tuple(args.targets.split(",")) if args.targets else ()
-    cfg = AdapterConfig(args.method, targets, r=args.r or 0, pooler=args.pooler, K=args.K, alpha=args.lora_alpha,
-                        proj=args.proj)
     if args.shard:
         model = load_sharded(args, cfg, dtype)  # with the adapter already attached
     else:
@@ -457,7 +482,8 @@ def train(args, on_step=None):
     if args.no_eos_loss:  # every response ends with EOS (encode_chat): without it, nothing is trained to follow it
         train_pairs, dev_pairs = [(p, r[:-1]) for p, r in train_pairs], [(p, r[:-1]) for p, r in dev_pairs]
     skipped = {"train": len(train_skipped), "dev": len(dev_skipped)}
-    print(f"task {task}: {len(train_pairs)} train / {len(dev_pairs)} dev / {len(test_ex or [])} test examples; "
+    # the test examples as scored: one per prompt, at most --max-eval
+    print(f"task {task}: {len(train_pairs)} train / {len(dev_pairs)} dev / {len(test_eval or [])} test examples; "
           f"{cut + dev_cut} passages truncated to fit {args.max_len} tokens"
           + (f"; {sum(skipped.values())} too long even so, skipped ({skipped})" if args.skip_long else ""),
           flush=True)
@@ -474,12 +500,11 @@ def train(args, on_step=None):
     ddp_model = DDP(model) if world > 1 and not args.shard else model
 
     per_step = args.batch_size * args.grad_accum
-    total = args.max_steps or max(1, math.ceil(args.epochs * len(train_pairs) / per_step))
-    ckpt_path, adapter_path = out / "checkpoint.pt", out / "adapter.safetensors"
+    total = args.max_steps if args.max_steps is not None else \
+        max(1, math.ceil(args.epochs * len(train_pairs) / per_step))
     settings = same_run_settings(args, model)  # what a resume must find unchanged; --shard: every rank gathers
     step, best, bad = 0, float("inf"), 0
     if args.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
         changed = {k: (v, settings.get(k)) for k, v in ck["settings"].items() if settings.get(k) != v}
         if changed:
             raise ValueError(f"--resume: {ckpt_path} was written with other settings (was, now; files and the base "
@@ -500,6 +525,7 @@ def train(args, on_step=None):
     model.train()
     progress = Progress(total, step)
     stop = []  # Ctrl-C asks to stop at the next step boundary, so the checkpoint is never half-updated
+    saved = step if args.resume else None  # the step of the checkpoint on disk: what a Ctrl-C leaves
 
     def on_ctrl_c(signum, frame):
         # a second Ctrl-C quits at once, but not under torchrun: it passes a terminal's Ctrl-C on, so each rank gets
@@ -509,8 +535,30 @@ def train(args, on_step=None):
         stop.append(True)
         progress.message("Ctrl-C: saving a checkpoint after this step (press again to quit at once)")
 
+    def evaluate():
+        """The dev loss; the adapter saved when it is the best yet; a checkpoint."""
+        nonlocal best, bad, saved
+        model.eval()
+        # every rank computes it (--shard: each forward needs them all) and all take rank 0's number
+        loss = rank_0s(dev_loss(model, dev_pairs, args, tok.pad_id, autocast, progress.count), device)
+        model.train()
+        better = loss < best
+        best, bad = (loss, 0) if better else (best, bad + 1)
+        if better:
+            adapter = adapter_tensors(model)  # --shard: gathered from every rank
+            if rank == 0:
+                save_adapter(model, adapter_path, tensors=adapter, digest=settings["weights"])
+        progress.message(f"step {step}: dev loss {loss:.4f}" + ("  (best: adapter saved)" if better else
+                         f"  (no better for {bad} / {args.patience})"))
+        ck = checkpoint_state(model, opt, step, best, bad, settings)  # --shard: gathered from every rank
+        if rank == 0:
+            atomic_save(ck, ckpt_path)
+        saved = step
+
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
+        if total == 0:
+            evaluate()  # --max-steps 0: the untrained adapter, evaluated as it is
         while step < total and bad < args.patience and not stop:
             t0 = time.time()
             lr = lr_at(step, total, args)
@@ -534,35 +582,28 @@ def train(args, on_step=None):
             if step % args.log_every == 0 or step == total:
                 progress.show(step - 1, all_ranks_sum(step_loss, device), lr)
             if step % args.eval_every == 0 or step == total:
-                model.eval()
-                # every rank computes it (--shard: each forward needs them all) and all take rank 0's number
-                loss = rank_0s(dev_loss(model, dev_pairs, args, tok.pad_id, autocast, progress.count), device)
-                model.train()
-                better = loss < best
-                best, bad = (loss, 0) if better else (best, bad + 1)
-                if better:
-                    adapter = adapter_tensors(model)  # --shard: gathered from every rank
-                    if rank == 0:
-                        save_adapter(model, adapter_path, tensors=adapter)
-                progress.message(f"step {step}: dev loss {loss:.4f}" + ("  (best: adapter saved)" if better else
-                                 f"  (no better for {bad} / {args.patience})"))
-                ck = checkpoint_state(model, opt, step, best, bad, settings)  # --shard: gathered from every rank
-                if rank == 0:
-                    atomic_save(ck, ckpt_path)
+                evaluate()
             if on_step is not None:
                 on_step(step)
             if world > 1 and all_ranks_sum(len(stop), device) and not stop:
                 stop.append(True)  # a Ctrl-C that reached any rank stops every rank after this same step
+        if stop:
+            ck = checkpoint_state(model, opt, step, best, bad, settings)
+            if rank == 0:
+                atomic_save(ck, ckpt_path)
+            saved = step
+            if world > 1:
+                dist.barrier()  # every rank leaves once the checkpoint is on disk
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:  # the first Ctrl-C, once its checkpoint is saved, or a second one, at once
+        progress.message(f"interrupted after step {step} of {total}: " + (
+            f"{ckpt_path} holds step {saved}; continue with --resume" if saved is not None else
+            f"nothing was saved yet (the first checkpoint comes with the first dev loss, at step "
+            f"{min(args.eval_every, total)})"))
+        raise Stopped from None
     finally:
         signal.signal(signal.SIGINT, previous)
-    if stop:
-        ck = checkpoint_state(model, opt, step, best, bad, settings)
-        if rank == 0:
-            atomic_save(ck, ckpt_path)
-        if world > 1:
-            dist.barrier()  # every rank leaves once the checkpoint is on disk
-        progress.message(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
-        raise KeyboardInterrupt
+        progress.status.end()
     if bad >= args.patience:
         progress.message(f"early stop at step {step}: dev loss did not improve for {args.patience} evaluations")
     if world > 1:
@@ -579,22 +620,30 @@ def train(args, on_step=None):
                "best_dev_loss": best, "train_examples": len(train_pairs), "truncated": cut + dev_cut,
                "skipped_too_long": skipped, "settings": {k: v for k, v in vars(args).items()},
                "adapter_config": asdict(cfg)}
-    for name, part in (("dev", dev_eval), ("test", test_eval)):
-        if part:
-            show = lambda what, done, total: progress.count(f"{name} {what}", done, total)
-            preds = predict(model, tok, task, part, args, system, show)
-            kept = [(ex, pred) for ex, pred in zip(part, preds) if pred is not None]  # None: too long, skipped
-            skipped[f"{name} predictions"] = len(part) - len(kept)
-            part, preds = [ex for ex, _ in kept], [pred for _, pred in kept]
-            summary[name] = score(task, preds, part)
-            note = f"; {skipped[f'{name} predictions']} too long, skipped" if args.skip_long else ""
-            print(f"{name} {METRIC[task]}: {summary[name][METRIC[task]]:.2f} ({len(part)} examples{note})",
-                  flush=True)
-            if rank != 0:
-                continue  # --shard: every rank generates (each forward needs them all), rank 0 writes
-            with open(out / f"predictions_{name}.jsonl", "w") as f:
-                for ex, pred in zip(part, preds):
-                    f.write(json.dumps({"prompt": ex.query, "prediction": pred, "references": ex.references}) + "\n")
+    try:
+        for name, part in (("dev", dev_eval), ("test", test_eval)):
+            if part:
+                show = lambda what, done, total: progress.count(f"{name} {what}", done, total)
+                preds = predict(model, tok, task, part, args, system, show)
+                kept = [(ex, pred) for ex, pred in zip(part, preds) if pred is not None]  # None: too long, skipped
+                skipped[f"{name} predictions"] = len(part) - len(kept)
+                part, preds = [ex for ex, _ in kept], [pred for _, pred in kept]
+                summary[name] = score(task, preds, part)
+                note = f"; {skipped[f'{name} predictions']} too long, skipped" if args.skip_long else ""
+                progress.message(f"{name} {METRIC[task]}: {summary[name][METRIC[task]]:.2f} ({len(part)} examples"
+                                 f"{note})")
+                if rank != 0:
+                    continue  # --shard: every rank generates (each forward needs them all), rank 0 writes
+                with open(out / f"predictions_{name}.jsonl", "w") as f:
+                    for ex, pred in zip(part, preds):
+                        f.write(json.dumps({"prompt": ex.query, "prediction": pred, "references": ex.references})
+                                + "\n")
+    except KeyboardInterrupt:
+        progress.message(f"interrupted while evaluating: the trained adapter is {adapter_path} (no summary yet); "
+                         "the same command with --resume evaluates it again")
+        raise Stopped from None
+    finally:
+        progress.status.end()
     if rank != 0:
         return summary
     tmp = out / "summary.json.tmp"
@@ -602,6 +651,21 @@ def train(args, on_step=None):
     os.replace(tmp, out / "summary.json")
     print(f"adapter: {adapter_path}\nsummary: {out / 'summary.json'}", flush=True)
     return summary
+
+
+def read_run_checkpoint(path):
+    """train.py's checkpoint.pt, read with weights_only (it cannot run code); a file that cannot be read, or that is
+    no checkpoint of ours, is one line of error."""
+    anew = "Start anew with --overwrite, or give another --out"
+    try:
+        ck = torch_load(path, mmap=False, remedy=anew)
+    except ValueError as e:
+        raise ValueError(f"--resume: {e}" + ("" if str(e).endswith(anew) else f". {anew}")) from None
+    keys = {"step", "best", "bad", "optimizer", "settings", "adapter"}
+    if not isinstance(ck, dict) or not keys <= ck.keys():
+        raise ValueError(f"--resume: {path} is not a checkpoint written by train.py (it has no "
+                         f"{', '.join(sorted(keys - set(ck if isinstance(ck, dict) else ())))}). {anew}")
+    return ck
 
 
 def predict(model, tok, task, examples, args, system, show=None):
@@ -626,7 +690,10 @@ def main(argv=None):
         train(args)
         if dist.is_initialized():
             dist.destroy_process_group()
-    except KeyboardInterrupt:
+    except Stopped:  # train() has said what the run kept
+        sys.exit(130)
+    except KeyboardInterrupt:  # before the first step
+        print("\ninterrupted before training started: this run wrote no file", file=sys.stderr)
         sys.exit(130)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

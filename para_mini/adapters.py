@@ -5,6 +5,7 @@
 # layers.{i}.<method>.<name>, e.g. layers.0.vg.down.weight or layers.0.lora.A.q. Serving many adapters at once is
 # serving.py's.
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
+from .loading import model_names
 from .model import BitFitLinear, Block, IA3Linear, LoRALinear, ModelArgs, Transformer, VectorGenerator
 
 # The seven projections an adapter can touch. q, k, v, g, u are the paper's Query, Key, Value, Gate and Up;
@@ -62,6 +64,19 @@ KINDS = {"lora": [("A", "A"), ("B", "B")], "ia3": [("vectors", "l.vector")], "bi
 def base_shape(args: ModelArgs) -> dict:
     return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
             "ffn_dim": args.ffn_dim, "vocab_size": args.vocab_size}
+
+
+def weights_digest(model: Transformer, whole=lambda t: t) -> str:
+    """The base model by shape and a sample of its values (every norm, a few embedding rows), rounded to bf16 so
+    that fp32 and bf16 loads agree: the same weights under another path or in another format have the same digest.
+    whole: gathers a sharded tensor (train.py under --shard, where every rank must call this)."""
+    h = hashlib.sha256(json.dumps(base_shape(model.args), sort_keys=True).encode())
+    for name in model_names(model.args):
+        if "norm" in name or name == "tok_embeddings.weight":
+            t = whole(model.get_parameter(name)).detach()
+            t = torch.cat([t[:8], t[-8:]]) if t.dim() == 2 else t
+            h.update(t.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def wrap(linear: nn.Linear, cfg: AdapterConfig) -> nn.Linear:
@@ -146,17 +161,19 @@ def adapter_state(model: Transformer) -> dict:
             for k, p in block_state(block_modules(block, model.adapter), model.adapter).items()}
 
 
-def save_adapter(model: Transformer, path, tensors: dict = None):
+def save_adapter(model: Transformer, path, tensors: dict = None, digest: str = None):
     """Write the attached adapter to a .safetensors file, atomically (a crash never leaves a half-written file).
-    tensors: its adapter_state already gathered whole, where the model is sharded across processes (train.py)."""
+    tensors, digest: its adapter_state already gathered whole and the base's weights_digest, where the model is
+    sharded across processes (train.py)."""
     cfg = model.adapter
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in (tensors or adapter_state(model)).items()}
-    write_adapter(path, cfg, base_shape(model.args), tensors)
+    write_adapter(path, cfg, base_shape(model.args) | {"digest": digest or weights_digest(model)}, tensors)
 
 
 def write_adapter(path, cfg: AdapterConfig, base: dict, tensors: dict):
+    base = dict(base)
     metadata = {"format": "para-mini", "method": cfg.method, "config": json.dumps(dataclasses.asdict(cfg)),
-                "base": json.dumps(base)}
+                "base_digest": base.pop("digest"), "base": json.dumps(base)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -166,7 +183,8 @@ def write_adapter(path, cfg: AdapterConfig, base: dict, tensors: dict):
 
 
 def read_adapter(path):
-    """(AdapterConfig, base shape, tensors) of an adapter file, with the file checked for what we need."""
+    """(AdapterConfig, base, tensors) of an adapter file, with the file checked for what we need. base: the base
+    model's shape, and its weights_digest under "digest" (files written before it was recorded have none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} not found")
@@ -184,11 +202,15 @@ def read_adapter(path):
     if unknown:
         raise ValueError(f"{path} has settings this version of para-mini does not know: {sorted(unknown)}")
     cfg["targets"] = tuple(cfg["targets"])
-    return AdapterConfig(**cfg), json.loads(meta["base"]), tensors
+    base = json.loads(meta["base"]) | ({"digest": meta["base_digest"]} if "base_digest" in meta else {})
+    return AdapterConfig(**cfg), base, tensors
 
 
-def check_adapter(args: ModelArgs, path, cfg: AdapterConfig, base: dict, tensors: dict):
-    """Refuse an adapter made for another base shape, or whose tensors do not match its own settings."""
+def check_adapter(model: Transformer, path, cfg: AdapterConfig, base: dict, tensors: dict, other_base=False):
+    """Refuse an adapter made for another base shape, or whose tensors do not match its own settings; and one made
+    on other weights of the same shape too, unless other_base."""
+    args, base = model.args, dict(base)
+    digest = base.pop("digest", None)
     if base != base_shape(args):
         raise ValueError(f"adapter {path} was trained for a base model of shape {base}, but the loaded model is "
                          f"{base_shape(args)}: load the base model the adapter was trained on")
@@ -199,12 +221,17 @@ def check_adapter(args: ModelArgs, path, cfg: AdapterConfig, base: dict, tensors
     if missing or unexpected or wrong:
         raise ValueError(f"adapter {path} does not match its own settings {cfg}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+    if digest is not None and not other_base and digest != weights_digest(model):
+        raise ValueError(f"adapter {path} was trained on other base weights of the same shape (digest {digest}, "
+                         f"the loaded model's {weights_digest(model)}): load the base model it was trained on, or "
+                         "accept it anyway (other_base=True; generate.py --allow-other-base)")
 
 
-def load_adapter(model: Transformer, path) -> Transformer:
-    """Attach the adapter stored at `path` to `model` (which must carry none). Returns the model."""
+def load_adapter(model: Transformer, path, other_base: bool = False) -> Transformer:
+    """Attach the adapter stored at `path` to `model` (which must carry none). Returns the model. A file made for
+    another shape is refused; one made on other weights of the same shape too, unless other_base=True."""
     cfg, base, tensors = read_adapter(path)
-    check_adapter(model.args, path, cfg, base, tensors)
+    check_adapter(model, path, cfg, base, tensors, other_base)
     add_adapter(model, cfg)
     with torch.no_grad():
         for k, p in adapter_state(model).items():

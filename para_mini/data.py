@@ -306,7 +306,8 @@ def detect_task(record: dict) -> str:
 
 
 def load_task(path: str | Path, task: str | None = None, labels: bool = True) -> tuple[str, list[Example]]:
-    """Reads a task file; with labels=False an unlabeled file (a GLUE test.tsv) loads with empty responses."""
+    """Reads a task file; an example without its label is an error, unless labels=False: then an unlabeled file (a
+    GLUE test.tsv) loads with empty responses, to generate only."""
     path = Path(path)
     if task is not None and task not in CONVERTERS:
         raise ValueError(f"unknown task {task!r}; {_known_formats()}")
@@ -328,9 +329,9 @@ def load_task(path: str | Path, task: str | None = None, labels: bool = True) ->
             raise ValueError(f"{loc}: {e}") from None
         for ex in made if isinstance(made, list) else [made]:
             if labels and not ex.references:
-                raise ValueError(
-                    f"{loc}: no label or answer (an unlabeled test split?); training and scoring need one, "
-                    "load it with labels=False to only generate"
+                raise ValueError(  # no word of labels=False: on train.py's command line it means nothing
+                    f"{loc}: no label or answer (an unlabeled test split?); training and scoring need labelled "
+                    "examples"
                 )
             ex.source = loc
             examples.append(ex)

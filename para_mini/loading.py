@@ -231,18 +231,25 @@ def read_hf(path: Path):
 
 # --------------------------------------------------------------------------------------------------------- Meta
 
-def torch_load(file: Path):
+def torch_load(file: Path, mmap: bool = True, remedy: str = "Re-save the state dict alone, or as safetensors"):
+    """torch.load with weights_only (a file cannot run code); one line of error for a file it cannot read, with
+    `remedy` for one that holds Python objects. mmap=False for a file read once and then replaced (train.py's
+    checkpoint)."""
     if not file.exists():
         raise FileNotFoundError(f"{file} not found")
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
-        raise ValueError(f"{file}: refused to unpickle: it holds Python objects other than tensors and plain "
-                         f"containers, and loading those could run code ({detail}). Re-save the state dict alone, "
-                         "or as safetensors") from e
+        if detail:
+            raise ValueError(f"{file}: refused to unpickle: it holds Python objects other than tensors and plain "
+                             f"containers, and loading those could run code ({detail}). {remedy}") from e
+        why = next((line.strip() for line in str(e).splitlines() if line.startswith("Unsupported")), "")
+        raise ValueError(f"{file}: cannot read it as a PyTorch checkpoint ({why or type(e).__name__}): it is "
+                         "truncated, corrupt or not a PyTorch file") from e  # a foreign file read as a legacy pickle
     except (RuntimeError, EOFError, OSError) as e:  # what torch raises for a short or foreign file
-        raise ValueError(f"{file}: cannot read it as a PyTorch zip checkpoint ({str(e).splitlines()[0]}): it is "
+        why = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file's EOFError has no message
+        raise ValueError(f"{file}: cannot read it as a PyTorch zip checkpoint ({why}): it is "
                          "truncated, corrupt, in the legacy non-zip format, or not a PyTorch file") from e
 
 

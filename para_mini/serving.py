@@ -89,10 +89,11 @@ class Tenants:
                     p.copy_(tensors[k])
         return name
 
-    def load(self, path, name: str = None) -> str:
-        """Read an adapter file (checked against the model) as tenant `name` (default: the file's stem)."""
+    def load(self, path, name: str = None, other_base: bool = False) -> str:
+        """Read an adapter file (checked against the model, as adapters.load_adapter does) as tenant `name` (default:
+        the file's stem)."""
         cfg, base, tensors = read_adapter(path)
-        check_adapter(self.model.args, path, cfg, base, tensors)
+        check_adapter(self.model, path, cfg, base, tensors, other_base)
         return self.add(name or Path(path).stem, cfg, tensors)
 
     def remove(self, name: str):

@@ -4,6 +4,8 @@
 import itertools
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -325,6 +327,87 @@ def test_generate_py_streams_a_single_prompt_as_the_api_decodes_it():
     [res] = generate(load_model(weights), [Request(tok.encode("Once upon a time", bos=True), None, 40)],
                      eos_id=tok.eos_id)
     assert proc.stdout == tok.decode(res.tokens) + "\n"
+
+
+GENERATE_OUT_OF_RANGE = [("--batch-size", "0"), ("--max-new-tokens", "0"), ("--temperature", "-0.5"),
+                         ("--top-k", "-1"), ("--top-p", "0"), ("--top-p", "1.5"), ("--seed", "-1"), ("--beam", "0"),
+                         ("--length-penalty", "inf"), ("--num-return", "0")]
+
+
+@pytest.mark.parametrize("flag, value", GENERATE_OUT_OF_RANGE)
+def test_generate_py_refuses_a_numeric_flag_out_of_its_range_in_one_line(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate_cli().main(["--weights", "w", "--prompt", "hi", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: argument {flag}: ") and err.count("\n") == 1
+    from para_mini.cli import Range
+    actions = generate_cli().parser()._actions
+    assert {a.option_strings[0] for a in actions if a.type in (int, float)} == set()  # no unchecked number
+    assert {a.option_strings[0] for a in actions if isinstance(a.type, Range)} == {f for f, _ in GENERATE_OUT_OF_RANGE}
+
+
+def test_generate_py_names_an_adapter_folder_and_refuses_an_adapter_made_on_other_base_weights_unless_allowed(
+        tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    cli = generate_cli()
+    weights = shared("assets", "stories260K", "hf")
+    other = shutil.copytree(weights, tmp_path / "other")  # the same shape, one norm changed
+    tensors = load_file(other / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(other)
+    add_adapter(model, AdapterConfig("para"))
+    save_adapter(model, tmp_path / "run" / "adapter.safetensors")
+    argv = ["--weights", str(weights), "--prompt", "Once", "--no-chat", "--max-new-tokens", "4"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--adapter", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (f"error: --adapter {tmp_path / 'run'} is a folder: give an adapter "
+                                         f".safetensors file, such as {tmp_path / 'run' / 'adapter.safetensors'}\n")
+    argv += ["--adapter", str(tmp_path / "run" / "adapter.safetensors")]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "other base weights of the same shape" in err and "--allow-other-base" in err
+    cli.main(argv + ["--allow-other-base"])
+    assert capsys.readouterr().out.strip()
+
+
+def test_the_example_requests_file_is_served_and_errors_never_land_on_the_progress_line(tmp_path, capsys,
+                                                                                         monkeypatch):
+    cli = generate_cli()
+    weights = shared("assets", "stories260K", "hf")
+    model = load_model(weights)
+    add_adapter(model, AdapterConfig("para"))
+    randomize(model, None, seed=0)
+    save_adapter(model, tmp_path / "boolq.safetensors")
+    argv = ["--weights", str(weights), "--adapter", f"boolq={tmp_path / 'boolq.safetensors'}"]
+    cli.main(argv + ["--requests", str(ROOT / "examples" / "requests.jsonl"), "--output", str(tmp_path / "a.jsonl")])
+    answers = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(answers) == 5 and all(a.get("output") and "error" not in a for a in answers)
+    assert len(next(a for a in answers if a["id"] == "snow")["beams"]) == 2
+    capsys.readouterr()
+
+    pyte = pytest.importorskip("pyte")
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    requests = tmp_path / "requests.jsonl"
+    lines = [{"prompt": "Once", "chat": False}, {"prompt": ""}, {"prompt": "Tom", "chat": False},
+             {"prompt": "Lily", "top_p": 2}]
+    requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--requests", str(requests), "--output", str(tmp_path / "b.jsonl"), "--batch-size", "1",
+                         "--max-new-tokens", "4"])
+    assert e.value.code == 1
+    screen = pyte.Screen(250, 20)
+    screen.set_mode(pyte.modes.LNM)
+    pyte.Stream(screen).feed(capsys.readouterr().err)
+    shown = [line.rstrip() for line in screen.display if line.strip()]
+    assert shown[0] == f"error: {requests}:2: a non-empty \"prompt\" string is required (empty prompt)"
+    assert shown[1] == f"error: {requests}:4: \"top_p\" must be above 0.0 and at most 1.0, got 2"
+    assert re.fullmatch(r"requests 4/4  2 failed  [\d,]+ new tok/s  elapsed \d+s  eta 0s", shown[2]), shown
+    assert shown[3].startswith("error: 2 of 4 requests failed") and len(shown) == 4
 
 
 # ------------------------------------------------------------------------------------------------------- bench

@@ -1,7 +1,9 @@
 # The lab's instruments (lab.py): the vector statistics, the budget matching, the PNG writer and the attention maps
 # are checked against hand-worked numbers, brute force, a decoder written here, and Hugging Face's own attention.
 import math
+import shutil
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -285,3 +287,53 @@ def test_a_tasks_per_method_learning_rate_reaches_that_method_alone_and_flags_af
     assert lr(sst2 + ["--", "--lr", "5e-4"], "lora") == 5e-4
     assert lab.lr_exceptions(lab.parse_args(sst2), 1e-2) == " (LoRA: 0.003) ((IA)^3: 0.02)"
     assert lab.lr_exceptions(lab.parse_args(sst2 + ["--", "--lr", "3e-3"]), 3e-3) == ""
+
+
+# ----------------------------------------------------------------------------------------------------- reruns
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_rerun_writes_its_table_beside_the_runs_git_ignored_and_leaves_the_reference_alone(tmp_path, capsys):
+    opts = lab.parse_args(["compare", "--data", "sst2", "--quick"])
+    assert opts.results == ROOT / "lab" / "runs" / "results" and lab.REFERENCE == ROOT / "lab" / "results"
+    assert "/lab/runs/" in (ROOT / ".gitignore").read_text().splitlines()
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(opts.results / "compare-sst2-quick.md")], cwd=ROOT)
+        assert ignored.returncode == 0
+    # refreshing the reference is asked for by --results; its table names the command a student reruns
+    refresh = lab.parse_args(["compare", "--data", "sst2", "--quick", "--results", "lab/results"])
+    assert refresh.results == Path("lab/results") and refresh.command == opts.command
+    assert opts.command == "python lab.py compare --data sst2 --quick"
+    opts.results = tmp_path / "mine"
+    lab.write_result(opts, "compare-sst2-quick", "a title", 3.0, "| a | table |", {"rows": []})
+    assert sorted(p.name for p in opts.results.iterdir()) == ["compare-sst2-quick.json", "compare-sst2-quick.md"]
+    out = capsys.readouterr().out
+    assert "the reference: lab/results/compare-sst2-quick.md" in out
+
+
+def test_every_training_run_has_one_thread_whatever_the_jobs_and_cores(monkeypatch):
+    # the thread count changes the order of floating-point sums, and a quick run's accuracy with it
+    seen = []
+    monkeypatch.setattr(lab, "train_one", lambda opts, *job: seen.append(torch.get_num_threads()) or len(seen))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opts = lab.parse_args(["compare", "--jobs", "1"])
+        assert lab.train_many(opts, [("table", "name", None, 0, ())] * 2) == [1, 2] and seen == [1, 1]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("argv", [["compare", "--jobs", "0"], ["compare", "--seeds", "-1"],
+                                  ["compare", "--target", "0"], ["sweep", "--r", "0"], ["vectors", "--n", "0"],
+                                  ["attention", "--index", "-1"], ["attention", "--layers", "-1"],
+                                  ["attention", "--heads", "-1"], ["attention", "--scale", "0"],
+                                  ["compare", "--", "--max-steps", "-1"]])
+def test_a_lab_flag_out_of_its_range_is_one_line_and_exit_2(argv, capsys):
+    if "--" in argv:
+        shared("assets", "stories260K", "hf")  # train.py's flags are checked once the shared model is found
+    with pytest.raises(SystemExit) as e:
+        lab.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: argument ") and err.count("\n") == 1

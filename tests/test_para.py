@@ -10,7 +10,7 @@ from conftest import shared
 from hf_reference import HF_SITES, ours_from_hf, tiny_hf
 from para_mini import (AdapterConfig, ModelArgs, Tenants, Transformer, add_adapter, load_adapter, merge_lora,
                        remove_adapter, save_adapter)
-from para_mini.adapters import LINEARS, adapter_state, read_adapter
+from para_mini.adapters import LINEARS, adapter_state, read_adapter, weights_digest
 from para_mini.model import site_dims
 
 POOLERS = ["capsule", "last", "routing", "mean"]
@@ -402,6 +402,29 @@ def test_an_adapter_for_another_base_is_refused(tmp_path):
     with pytest.raises(ValueError, match="trained for a base model of shape"):
         load_adapter(other, tmp_path / "a.safetensors")
     assert other.adapter is None
+
+
+def test_an_adapter_made_on_other_weights_of_the_same_shape_is_refused_unless_accepted(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    model = tiny_model(seed=0)
+    add_adapter(model, AdapterConfig("para"))
+    randomize(model)
+    save_adapter(model, tmp_path / "a.safetensors")
+    assert read_adapter(tmp_path / "a.safetensors")[1]["digest"] == weights_digest(model)
+    assert load_adapter(tiny_model(seed=0).to(torch.bfloat16), tmp_path / "a.safetensors").adapter  # same weights
+    other = tiny_model(seed=1)  # the same shape, other weights
+    with pytest.raises(ValueError, match=r"other base weights of the same shape .*other_base=True"):
+        load_adapter(other, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=r"other base weights of the same shape .*other_base=True"):
+        Tenants(tiny_model(seed=1)).load(tmp_path / "a.safetensors")  # serving checks the same
+    assert other.adapter is None
+    assert load_adapter(other, tmp_path / "a.safetensors", other_base=True).adapter.method == "para"
+    # a file written before the digest was recorded: its shape alone is checked
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, tmp_path / "old.safetensors", metadata={k: v for k, v in meta.items() if k != "base_digest"})
+    assert load_adapter(tiny_model(seed=1), tmp_path / "old.safetensors").adapter.method == "para"
 
 
 def test_a_file_that_is_not_an_adapter_is_refused(tmp_path):

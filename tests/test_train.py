@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -234,7 +235,8 @@ def test_evaluation_and_predictions_show_progress(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(train.Progress, "LOG_SECONDS", 0)
     train.train(short_run(tmp_path, "--eval-batch-size", "4"))
     printed = capsys.readouterr().out
-    # dev loss on the first 8 dev examples, predictions once per distinct prompt (6 of them)
+    # dev loss on the first 8 dev examples, predictions once per distinct prompt (6 of them), as the header says
+    assert "8 dev / 6 test examples" in printed.splitlines()[0]
     assert "dev loss: 4/8" in printed and "dev predictions: 4/6" in printed and "test predictions: 4/6" in printed
     assert "eta" in printed.split("test predictions: 4/6")[1].splitlines()[0]
 
@@ -249,3 +251,138 @@ def test_no_eos_loss_leaves_exactly_the_final_eos_out_of_the_training_and_dev_lo
         seen.clear()
         train.train(run_args(tmp_path, "--max-steps", "2", "--eval-every", "2", "--overwrite", *flags))
         assert {tuple(r) for r in seen} <= want and len(seen) == 2 * 8 + 24  # two steps of 8, the 24 dev examples
+
+
+# ------------------------------------------------------------------------------------ the terminal, the flags
+
+def test_on_a_terminal_the_step_lines_stay_the_evaluations_progress_is_erased_and_results_stand_alone(
+        tmp_path, capsys, monkeypatch):
+    pyte = pytest.importorskip("pyte")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    train.train(run_args(tmp_path, "--max-steps", "8", "--eval-every", "4", "--log-every", "2", "--max-eval", "8",
+                         "--eval-batch-size", "4"))
+    raw = capsys.readouterr().out
+    assert "\rdev loss: 4/8" in raw and "\rdev predictions: 4/6" in raw  # they were shown, then erased
+    screen = pyte.Screen(200, 40)
+    screen.set_mode(pyte.modes.LNM)  # a terminal's "\n" is CR LF
+    pyte.Stream(screen).feed(raw)
+    shown = [line.rstrip() for line in screen.display if line.strip()]
+    number, progress = r"\d+\.\d{4}", r"lr \S+  [\d,]+ tok/s  elapsed \d+s  eta \d+s"
+    want = [r"task generic: 96 train / 8 dev / 6 test examples; 0 passages truncated to fit 512 tokens",
+            r"para: 22,220 tunable parameters \(.*\)",
+            rf"step 4/8  loss {number}  {progress}", rf"step 4: dev loss {number}  \(best: adapter saved\)",
+            rf"step 8/8  loss {number}  {progress}", rf"step 8: dev loss {number}  \((best: adapter saved|no .*)\)",
+            r"dev rouge-l: \d+\.\d\d \(6 examples\)", r"test rouge-l: \d+\.\d\d \(6 examples\)",
+            r"adapter: .*adapter\.safetensors", r"summary: .*summary\.json"]
+    assert len(shown) == len(want), shown
+    for line, pattern in zip(shown, want):
+        assert re.fullmatch(pattern, line), (line, pattern)
+
+
+# every numeric flag and a value out of its range (--max-steps 0 is legal: it evaluates the untrained adapter)
+OUT_OF_RANGE = [("--max-train", "0"), ("--max-eval", "0"), ("--max-len", "0"), ("--r", "0"), ("--K", "0"),
+                ("--lora-alpha", "0"), ("--proj", "-1"), ("--lr", "0"), ("--lr", "-1e-4"), ("--lr", "nan"),
+                ("--weight-decay", "-0.1"), ("--warmup", "1.5"), ("--epochs", "0"), ("--max-steps", "-1"),
+                ("--batch-size", "0"), ("--grad-accum", "0"), ("--clip", "0"), ("--eval-every", "0"),
+                ("--patience", "0"), ("--seed", "-1"), ("--beam", "0"), ("--max-new-tokens", "0"),
+                ("--eval-batch-size", "0"), ("--log-every", "0"), ("--batch-size", "two")]
+
+
+@pytest.mark.parametrize("flag, value", OUT_OF_RANGE)
+def test_a_numeric_flag_out_of_its_range_is_one_line_and_exit_2_before_anything_runs(flag, value, tmp_path,
+                                                                                     capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", "x.jsonl", "--weights", "w", "--out", str(tmp_path / "run"), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: argument {flag}: ") and "--help" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_numeric_flag_has_a_range_and_every_flag_says_what_it_does_and_its_default():
+    from para_mini.cli import Range
+    actions = [a for a in train.parser()._actions if a.option_strings != ["-h", "--help"]]
+    numeric = {a.option_strings[0] for a in actions if isinstance(a.type, Range)}
+    assert {a.option_strings[0] for a in actions if a.type in (int, float)} == set()  # no unchecked number
+    assert numeric == {flag for flag, _ in OUT_OF_RANGE}  # and each is tried above
+    for a in actions:
+        assert a.help, a.option_strings
+        if a.default not in (None, False) and a.option_strings[0] != "--system":
+            assert "default" in a.help, a.option_strings
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_on_a_cpu_only_torch_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", "x.jsonl", "--weights", "w", "--device", "cuda"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: argument --device: cuda: ")
+
+
+def test_max_steps_0_evaluates_the_untrained_adapter(tmp_path):
+    summary = train.train(run_args(tmp_path, "--max-steps", "0", "--max-eval", "8"))
+    assert summary["steps"] == 0 and summary["test"] is not None
+    _, _, tensors = read_adapter(tmp_path / "run" / "adapter.safetensors")
+    ups = [t for k, t in tensors.items() if k.endswith("vg.up.weight")]
+    assert ups and all(torch.equal(t, torch.zeros_like(t)) for t in ups)  # W_up = 0: PARA at initialisation
+
+
+def test_a_missing_file_or_a_folder_is_named_by_its_flag_and_a_failed_run_leaves_no_folder(tmp_path, capsys):
+    good = write_colour_data(tmp_path / "train.jsonl", 30, 0)
+    for extra, message in [(("--dev", str(tmp_path / "nothing.jsonl")), "--dev "),
+                           (("--test", str(tmp_path / "nothing.jsonl")), "--test "),
+                           (("--tokenizer", str(tmp_path / "tok.model")), "--tokenizer "),
+                           (("--data", str(tmp_path)), f"--data {tmp_path} is a folder"),
+                           (("--weights", str(tmp_path / "no-weights")), "--weights "),
+                           (("--max-len", "4096"), "exceeds the model's context of 512"),  # after the weights load
+                           (("--K", "5"), "r % K must be 0")]:
+        err = bad_run(tmp_path, capsys, good.read_text(), *extra)
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "run").exists(), extra
+
+
+def test_resume_on_a_checkpoint_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, capsys):
+    import argparse
+    train.train(short_run(tmp_path))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    whole = ckpt.read_bytes()
+    foreign = (tmp_path / "run" / "adapter.safetensors").read_bytes()[:64]
+    for damage, message in [(lambda: ckpt.write_bytes(whole[:len(whole) // 2]), "cannot read it"),
+                            (lambda: ckpt.write_bytes(b""), "cannot read it"),
+                            (lambda: ckpt.write_bytes(foreign), "cannot read it"),
+                            (lambda: torch.save({"step": 4, "x": argparse.Namespace(a=1)}, ckpt),
+                             "refused to unpickle"),
+                            (lambda: torch.save({"step": 4}, ckpt), "not a checkpoint written by train.py")]:
+        damage()
+        with pytest.raises(SystemExit) as e:
+            train.main(run_argv(tmp_path, *SHORT, "--resume"))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: --resume: {ckpt}") and message in err, err
+        assert err.count("\n") == 1 and "--overwrite" in err
+
+
+def test_a_second_ctrl_c_quits_at_once_and_says_what_was_kept(tmp_path, capsys, monkeypatch):
+    def ctrl_c_twice_at_step_6(step):
+        if step == 6:  # the checkpoint on disk is step 4's (--eval-every 4)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train, "train", lambda args: train_run(args, on_step=ctrl_c_twice_at_step_6))
+    with pytest.raises(SystemExit) as e:
+        train.main(run_argv(tmp_path))
+    assert e.value.code == 130
+    last = capsys.readouterr().out.splitlines()[-1]
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert last == f"interrupted after step 6 of 12: {ckpt} holds step 4; continue with --resume"
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+
+    monkeypatch.setattr(train, "load_model", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(train, "train", train_run)
+    with pytest.raises(SystemExit) as e:
+        train.main(run_argv(tmp_path, "--out", str(tmp_path / "other")))
+    assert e.value.code == 130
+    assert "interrupted before training started: this run wrote no file" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+train_run = train.train

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from para_mini import Tenants, find_tokenizer, load_model, load_tokenizer
-from para_mini.cli import SEED, Parser, Range, StatusLine, at_least, device
+from para_mini.cli import SEED, Parser, Range, StatusLine, at_least, usable_device
 from para_mini.generation import Request, beam_search, generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,7 +54,7 @@ def parser():
                    help="adapter .safetensors file, repeatable; its name is NAME or the file's stem")
     g.add_argument("--allow-other-base", action="store_true",
                    help="load an adapter trained on other base weights of the same shape (refused by default)")
-    g.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+    g.add_argument("--device", type=usable_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("input and output")
@@ -67,13 +67,16 @@ def parser():
     g.add_argument("--system", help="system prompt inside the chat template (default: none)")
     g.add_argument("--batch-size", type=at_least(1), default=16, help="requests decoded together (default 16)")
     g = p.add_argument_group("decoding (defaults for every request)")
-    g.add_argument("--max-new-tokens", type=RANGES["max_new_tokens"], default=256, help="token budget per answer (default 256)")
-    g.add_argument("--temperature", type=RANGES["temperature"], default=0.0, help="0 (default): greedy; > 0: sampling")
-    g.add_argument("--top-k", type=RANGES["top_k"], default=0, help="sample among the k most likely tokens (0: all)")
-    g.add_argument("--top-p", type=RANGES["top_p"], default=1.0, help="sample among the most likely tokens holding this "
-                   "much probability (default 1: all)")
-    g.add_argument("--seed", type=RANGES["seed"], default=0, help="sampling seed; a request's output depends only on its "
-                   "own prompt, adapter and seed (default 0)")
+    g.add_argument("--max-new-tokens", type=RANGES["max_new_tokens"], default=256,
+                   help="token budget per answer (default 256)")
+    g.add_argument("--temperature", type=RANGES["temperature"], default=0.0,
+                   help="0 (default): greedy; > 0: sampling")
+    g.add_argument("--top-k", type=RANGES["top_k"], default=0,
+                   help="sample among the k most likely tokens (default 0: all)")
+    g.add_argument("--top-p", type=RANGES["top_p"], default=1.0,
+                   help="sample among the most likely tokens holding this much probability (default 1: all)")
+    g.add_argument("--seed", type=RANGES["seed"], default=0, help="sampling seed; a request's output depends only "
+                   "on its own prompt, adapter and seed (default 0)")
     g.add_argument("--beam", type=RANGES["beam"], default=1, help="beam size; > 1: beam search (default 1)")
     g.add_argument("--length-penalty", type=RANGES["length_penalty"], default=1.0,
                    help="beam score = sum of log-probs / length ** this (default 1.0, as Hugging Face)")

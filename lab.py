@@ -708,8 +708,8 @@ def parse_args(argv=None):
     s.add_argument("--ia3", help="a trained (IA)^3 adapter file (default: train one)")
     s.add_argument("--index", type=at_least(0), default=0, help="which test example's prompt (default 0)")
     s.add_argument("--layers", type=at_least(0), nargs="+", default=[0, 2, 4], help="layers to draw (default 0 2 4)")
-    s.add_argument("--heads", type=at_least(0), nargs="+", default=[0, 4], help="heads to draw (default 0 4, the paper's "
-                   "0-th and 16-th of 32 scaled to 8)")
+    s.add_argument("--heads", type=at_least(0), nargs="+", default=[0, 4],
+                   help="heads to draw (default 0 4, the paper's 0-th and 16-th of 32 scaled to 8)")
     s.add_argument("--scale", type=at_least(1), default=3, help="pixels per token (default 3)")
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])

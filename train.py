@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_model, load_tokenizer,
                        save_adapter)
-from para_mini.adapters import adapter_state, base_shape, block_state, new_adapter, read_adapter, weights_digest
-from para_mini.cli import SEED, Parser, StatusLine, above, at_least, between, device
+from para_mini.adapters import adapter_state, block_state, new_adapter, read_adapter, weights_digest
+from para_mini.cli import SEED, Parser, StatusLine, above, at_least, between, usable_device
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
 from para_mini.generation import generate_texts
 from para_mini.loading import check_tensors, read_checkpoint, torch_load
@@ -68,7 +68,7 @@ def parser():
     g = p.add_argument_group("model")
     g.add_argument("--weights", required=True, help="checkpoint: HF or Meta directory, llama2.c .bin / .pt")
     g.add_argument("--tokenizer", help="tokenizer.model (default: found beside or inside --weights)")
-    g.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+    g.add_argument("--device", type=usable_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if a GPU is visible, else cpu")
     g.add_argument("--dtype", choices=["fp32", "bf16"], help="backbone dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")

@@ -67,7 +67,7 @@ def between(low, high):
 SEED = between(0, 2 ** 32 - 1)
 
 
-def device(name: str) -> str:
+def usable_device(name: str) -> str:
     """An argparse type: a device this torch and this machine can use, so that --device cuda on a CPU-only torch
     stops at once with one line instead of an AssertionError from inside the first tensor moved there."""
     try:

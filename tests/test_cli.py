@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from para_mini.cli import Parser, Range, StatusLine, above, at_least, between, device
+from para_mini.cli import Parser, Range, StatusLine, above, at_least, between, usable_device
 
 
 class FakeTerminal(io.StringIO):
@@ -96,8 +96,8 @@ def test_a_bad_flag_is_one_line_and_exit_status_2(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_on_a_machine_without_it_is_refused_before_anything_loads():
-    assert device("cpu") == "cpu"
+    assert usable_device("cpu") == "cpu"
     with pytest.raises(argparse.ArgumentTypeError, match="cuda: (this torch .* is built without CUDA|no CUDA GPU)"):
-        device("cuda")
+        usable_device("cuda")
     with pytest.raises(argparse.ArgumentTypeError, match="'gpu' is not a device"):
-        device("gpu")
+        usable_device("gpu")

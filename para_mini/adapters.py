@@ -146,11 +146,17 @@ def adapter_state(model: Transformer) -> dict:
             for k, p in block_state(block_modules(block, model.adapter), model.adapter).items()}
 
 
-def save_adapter(model: Transformer, path, tensors: dict = None):
+def save_adapter(model: Transformer, path, tensors: dict = None, format: str = "para-mini"):
     """Write the attached adapter to a .safetensors file, atomically (a crash never leaves a half-written file).
-    tensors: its adapter_state already gathered whole, where the model is sharded across processes (train.py)."""
+    tensors: its adapter_state already gathered whole, where the model is sharded across processes (train.py).
+    format="peft": a LoRA or (IA)^3 adapter as a PEFT directory at `path` instead (peft_format.py)."""
     cfg = model.adapter
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in (tensors or adapter_state(model)).items()}
+    if format == "peft":
+        from .peft_format import write_peft  # it imports this module
+        return write_peft(path, cfg, tensors)
+    if format != "para-mini":
+        raise ValueError(f"unknown adapter format {format!r}: para-mini or peft")
     write_adapter(path, cfg, base_shape(model.args), tensors)
 
 
@@ -166,8 +172,13 @@ def write_adapter(path, cfg: AdapterConfig, base: dict, tensors: dict):
 
 
 def read_adapter(path):
-    """(AdapterConfig, base shape, tensors) of an adapter file, with the file checked for what we need."""
+    """(AdapterConfig, base shape, tensors) of an adapter file, with the file checked for what we need; a
+    directory is read as PEFT's LoRA or (IA)^3 adapter (base shape None: PEFT does not record it)."""
     path = Path(path)
+    if path.is_dir():
+        from .peft_format import read_peft  # it imports this module
+        cfg, tensors = read_peft(path)
+        return cfg, None, tensors
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} not found")
     try:
@@ -189,7 +200,7 @@ def read_adapter(path):
 
 def check_adapter(args: ModelArgs, path, cfg: AdapterConfig, base: dict, tensors: dict):
     """Refuse an adapter made for another base shape, or whose tensors do not match its own settings."""
-    if base != base_shape(args):
+    if base is not None and base != base_shape(args):
         raise ValueError(f"adapter {path} was trained for a base model of shape {base}, but the loaded model is "
                          f"{base_shape(args)}: load the base model the adapter was trained on")
     want = expected_shapes(args, cfg)
@@ -197,8 +208,9 @@ def check_adapter(args: ModelArgs, path, cfg: AdapterConfig, base: dict, tensors
     wrong = [f"{k} {tuple(tensors[k].shape)} (expected {want[k]})"
              for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
     if missing or unexpected or wrong:
-        raise ValueError(f"adapter {path} does not match its own settings {cfg}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+        raise ValueError(f"adapter {path} does not match its settings {cfg} on a model of shape "
+                         f"{base_shape(args)}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"wrong shape {wrong[:5]}")
 
 
 def load_adapter(model: Transformer, path) -> Transformer:

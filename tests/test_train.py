@@ -249,3 +249,15 @@ def test_no_eos_loss_leaves_exactly_the_final_eos_out_of_the_training_and_dev_lo
         seen.clear()
         train.train(run_args(tmp_path, "--max-steps", "2", "--eval-every", "2", "--overwrite", *flags))
         assert {tuple(r) for r in seen} <= want and len(seen) == 2 * 8 + 24  # two steps of 8, the 24 dev examples
+
+
+def test_save_format_peft_also_writes_the_best_adapter_as_peft_s_directory_and_refuses_para_at_once(tmp_path):
+    train.train(run_args(tmp_path, "--method", "lora", "--max-steps", "2", "--eval-every", "2",
+                         "--save-format", "peft"))
+    out = tmp_path / "run"
+    ours, peft_dir = read_adapter(out / "adapter.safetensors"), read_adapter(out / "peft")
+    assert peft_dir[0] == ours[0] and ours[2].keys() == peft_dir[2].keys()
+    assert all(torch.equal(ours[2][k], peft_dir[2][k]) for k in ours[2])
+    with pytest.raises(ValueError, match="--save-format peft: a para adapter has no PEFT form"):
+        train.train(run_args(tmp_path, "--out", str(tmp_path / "para"), "--save-format", "peft"))
+    assert not (tmp_path / "para" / "checkpoint.pt").exists()

@@ -10,11 +10,12 @@
 # Streaming, so that a 7B checkpoint in fp32 fits beside its own reference on a 24 GiB machine: both models are
 # built with their embeddings, final norm and head, and blocks that hold no weights (stand-ins of the right shape
 # that cost no memory and are NaN if ever used). A forward pre-hook reads a block's weights from the checkpoint just
-# before it runs, a forward hook puts the stand-ins back after, so memory holds one block at a time. The two read
-# the files independently: para_mini through its loader (loading.read_checkpoint, our names), Hugging Face's side
-# by the names in its own module tree. Everything else is each library's own code: Transformer.forward, and
-# LlamaForCausalLM.forward with its rotary embedding and causal mask. The greedy continuations run the growing
-# sequences through the whole model again for every new token, without a cache (each pass reads every block).
+# before it runs, a forward hook puts the stand-ins back after, so memory holds one block at a time besides the two
+# models' embeddings and heads. The two read the files independently: para_mini through its loader
+# (loading.read_checkpoint, our names), Hugging Face's side by the names in its own module tree. Everything else is
+# each library's own code: Transformer.forward, and LlamaForCausalLM.forward with its rotary embedding and causal
+# mask. The greedy continuations run the growing sequences through the whole model again for every new token,
+# without a cache (each pass reads every block again).
 #
 # With --adapter: a LoRA or (IA)^3 adapter is attached to ours with load_adapter and to Hugging Face's model with
 # PEFT (from the adapter written in PEFT's format, or the PEFT directory given); a PARA adapter to Hugging Face's
@@ -34,11 +35,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from .adapters import LINEARS, AdapterConfig, load_adapter, read_adapter
+from .adapters import LINEARS, load_adapter, read_adapter
 from .loading import HF_NAMES, check_tensors, read_checkpoint
 from .model import ModelArgs, Transformer, site_dims
 from .tokenizer import find_tokenizer, load_tokenizer

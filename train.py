@@ -40,6 +40,7 @@ from para_mini.generation import generate_texts
 from para_mini.loading import check_tensors, read_checkpoint, torch_load
 from para_mini.metrics import METRIC, score
 from para_mini.model import Transformer
+from para_mini.peft_format import peft_form_problem
 
 # How much each task may generate at evaluation: labels are a word or two, the rest are free text.
 MAX_NEW_TOKENS = {"gsm8k": 256, "e2e": 96, "wikisql": 96, "alpaca": 256, "generic": 128, "squad": 32,
@@ -111,6 +112,9 @@ def parser():
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true",
                    help="delete the run already in --out (adapter, checkpoint, summary, predictions) and start anew")
+    g.add_argument("--save-format", choices=["para-mini", "peft"], default="para-mini",
+                   help="peft: also write the best adapter as a PEFT directory, <out>/peft (LoRA and (IA)^3; "
+                        "default: para-mini only)")
     g.add_argument("--beam", type=at_least(1), default=3,
                    help="beam size for the predictions (default 3, the paper's; 1: greedy)")
     g.add_argument("--max-new-tokens", type=at_least(1), help="generation budget (default: per task)")
@@ -435,6 +439,8 @@ def train(args, on_step=None):
     targets = tuple(args.targets.split(",")) if args.targets else ()
     cfg = AdapterConfig(args.method, targets, r=args.r or 0, pooler=args.pooler, K=args.K, alpha=args.lora_alpha,
                         proj=args.proj)
+    if args.save_format == "peft" and peft_form_problem(cfg):
+        raise ValueError(f"--save-format peft: {peft_form_problem(cfg)}")
     torch.manual_seed(args.seed)
     rank, world = start_processes(args)  # (0, 1) without torchrun
     device = args.device
@@ -616,6 +622,8 @@ def train(args, on_step=None):
     # evaluation with the best adapter, as it is saved on disk
     model.eval()
     set_adapter(model, read_adapter(adapter_path)[2])
+    if args.save_format == "peft" and rank == 0:
+        save_adapter(model, out / "peft", tensors=read_adapter(adapter_path)[2], format="peft")
     summary = {"task": task, "metric_name": METRIC[task], "adapter": str(adapter_path), "steps": step,
                "best_dev_loss": best, "train_examples": len(train_pairs), "truncated": cut + dev_cut,
                "skipped_too_long": skipped, "settings": {k: v for k, v in vars(args).items()},

@@ -161,12 +161,18 @@ def adapter_state(model: Transformer) -> dict:
             for k, p in block_state(block_modules(block, model.adapter), model.adapter).items()}
 
 
-def save_adapter(model: Transformer, path, tensors: dict = None, digest: str = None):
+def save_adapter(model: Transformer, path, tensors: dict = None, digest: str = None, format: str = "para-mini"):
     """Write the attached adapter to a .safetensors file, atomically (a crash never leaves a half-written file).
     tensors, digest: its adapter_state already gathered whole and the base's weights_digest, where the model is
-    sharded across processes (train.py)."""
+    sharded across processes (train.py). format="peft": a LoRA or (IA)^3 adapter as a PEFT directory at `path`
+    instead (peft_format.py)."""
     cfg = model.adapter
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in (tensors or adapter_state(model)).items()}
+    if format == "peft":
+        from .peft_format import write_peft  # it imports this module
+        return write_peft(path, cfg, tensors)
+    if format != "para-mini":
+        raise ValueError(f"unknown adapter format {format!r}: para-mini or peft")
     write_adapter(path, cfg, base_shape(model.args) | {"digest": digest or weights_digest(model)}, tensors)
 
 
@@ -184,8 +190,13 @@ def write_adapter(path, cfg: AdapterConfig, base: dict, tensors: dict):
 
 def read_adapter(path):
     """(AdapterConfig, base, tensors) of an adapter file, with the file checked for what we need. base: the base
-    model's shape, and its weights_digest under "digest" (files written before it was recorded have none)."""
+    model's shape, and its weights_digest under "digest" (files written before it was recorded have none); a
+    directory is read as PEFT's LoRA or (IA)^3 adapter (base None: PEFT does not record it)."""
     path = Path(path)
+    if path.is_dir():
+        from .peft_format import read_peft  # it imports this module
+        cfg, tensors = read_peft(path)
+        return cfg, None, tensors
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {path} not found")
     try:
@@ -209,9 +220,9 @@ def read_adapter(path):
 def check_adapter(model: Transformer, path, cfg: AdapterConfig, base: dict, tensors: dict, other_base=False):
     """Refuse an adapter made for another base shape, or whose tensors do not match its own settings; and one made
     on other weights of the same shape too, unless other_base."""
-    args, base = model.args, dict(base)
-    digest = base.pop("digest", None)
-    if base != base_shape(args):
+    args, base = model.args, None if base is None else dict(base)  # None: a PEFT directory, which records no base
+    digest = None if base is None else base.pop("digest", None)
+    if base is not None and base != base_shape(args):
         raise ValueError(f"adapter {path} was trained for a base model of shape {base}, but the loaded model is "
                          f"{base_shape(args)}: load the base model the adapter was trained on")
     want = expected_shapes(args, cfg)
@@ -219,8 +230,9 @@ def check_adapter(model: Transformer, path, cfg: AdapterConfig, base: dict, tens
     wrong = [f"{k} {tuple(tensors[k].shape)} (expected {want[k]})"
              for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
     if missing or unexpected or wrong:
-        raise ValueError(f"adapter {path} does not match its own settings {cfg}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+        raise ValueError(f"adapter {path} does not match its settings {cfg} on a model of shape "
+                         f"{base_shape(args)}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"wrong shape {wrong[:5]}")
     if digest is not None and not other_base and digest != weights_digest(model):
         raise ValueError(f"adapter {path} was trained on other base weights of the same shape (digest {digest}, "
                          f"the loaded model's {weights_digest(model)}): load the base model it was trained on, or "

@@ -1,7 +1,6 @@
 # PARA / PARADE and the baselines, checked against transcriptions of the paper's equations and against
 # Hugging Face + PEFT. Every reference here is computed independently of para_mini's forward pass.
 import copy
-import math
 
 import pytest
 import torch
@@ -11,7 +10,9 @@ from hf_reference import HF_SITES, ours_from_hf, tiny_hf
 from para_mini import (AdapterConfig, ModelArgs, Tenants, Transformer, add_adapter, load_adapter, merge_lora,
                        remove_adapter, save_adapter)
 from para_mini.adapters import LINEARS, adapter_state, read_adapter, weights_digest
-from para_mini.model import site_dims
+# the paper's equations loop by loop, and Hugging Face's model with PARA through hooks (shared with the command
+# python -m para_mini.equivalence); written independently of model.py's VectorGenerator
+from para_mini.equivalence import hf_with_para_hooks, vg_reference
 
 POOLERS = ["capsule", "last", "routing", "mean"]
 METHODS = ["para", "lora", "ia3", "bitfit", "ia3-proj", "bitfit-proj"]
@@ -40,47 +41,6 @@ def randomize(owner, name=None, seed=1, std=0.3):
     with torch.no_grad():
         for p in (owner.state(name) if isinstance(owner, Tenants) else adapter_state(owner)).values():
             p.add_(torch.randn(p.shape, generator=g) * std)
-
-
-def gelu(x):  # the exact (erf) GeLU, DESIGN decision 5
-    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
-
-
-# ---- the paper's equations, loop by loop, one prompt at a time (hp: h' of the prompt tokens, [T_ins, r])
-
-def capsule_pool_reference(hp, W, v):
-    T, K = hp.shape[0], W.shape[0]
-    m = [[hp[j] @ W[k] for k in range(K)] for j in range(T)]  # Eq. (7)
-    logit = [[(v[k] @ hp[j]).item() if v is not None else 0.0 for k in range(K)] for j in range(T)]  # Eq. (9)
-
-    def capsules(logit):
-        out = []
-        for k in range(K):
-            e = [math.exp(logit[j][k]) for j in range(T)]
-            n = [x / sum(e) for x in e]  # softmax over j
-            s = sum(n[j] * m[j][k] for j in range(T))  # Eq. (8)
-            norm2 = (s @ s).item()
-            out.append(norm2 / (1 + norm2) * s / math.sqrt(norm2))  # the squash exactly as the paper writes it
-        return out
-
-    c = capsules(logit)
-    logit = [[logit[j][k] + (c[k] @ m[j][k]).item() for k in range(K)] for j in range(T)]  # Eq. (10)
-    return torch.cat(capsules(logit))
-
-
-def vg_reference(h_prompt, t, prefix, cfg, args):
-    """Eq. (3), (6) for one layer: t maps the layer's file tensor names (".down.weight", ...) to tensors."""
-    hp = h_prompt @ t[prefix + ".down.weight"].T
-    if cfg.pooler == "last":
-        z = hp[-1]
-    elif cfg.pooler == "mean":
-        z = sum(hp[j] for j in range(hp.shape[0])) / hp.shape[0]
-    else:
-        z = capsule_pool_reference(hp, t[prefix + ".pool.weight"],
-                                   t[prefix + ".pool.query"] if cfg.pooler == "capsule" else None)
-    l = gelu(z) @ t[prefix + ".up.weight"].T + t[prefix + ".up.bias"]
-    sizes = [site_dims(args)[s][1] for s in cfg.targets]
-    return dict(zip(cfg.targets, l.split(sizes)))
 
 
 # --------------------------------------------------------------------------------------------------- tests
@@ -132,25 +92,6 @@ def test_each_pooler_equals_a_loop_by_loop_transcription_of_its_equations(pooler
             torch.testing.assert_close(got[site][b, 0], want[site], rtol=1e-5, atol=1e-6)
 
 
-def hf_with_para_hooks(hf, tensors, cfg, prompt_len):
-    """Hugging Face's model with PARA applied through forward hooks, for one unpadded sequence."""
-    args = ModelArgs(dim=hf.config.hidden_size, n_layers=hf.config.num_hidden_layers,
-                     n_heads=hf.config.num_attention_heads, n_kv_heads=hf.config.num_key_value_heads,
-                     vocab_size=hf.config.vocab_size, hidden_dim=hf.config.intermediate_size)
-    handles, vectors = [], {}
-    for i, layer in enumerate(hf.model.layers):
-        t = {k[len(f"layers.{i}"):]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
-
-        def make_vectors(mod, inp, out, i=i, t=t):  # DESIGN 1: the VG reads the attention RMSNorm output
-            vectors[i] = vg_reference(out[0, :prompt_len], t, ".vg", cfg, args)
-
-        handles.append(layer.input_layernorm.register_forward_hook(make_vectors))
-        for site in cfg.targets:
-            scale = lambda mod, inp, out, i=i, site=site: out * vectors[i][site]  # Eq. (4), (5)
-            handles.append(layer.get_submodule(HF_SITES[site]).register_forward_hook(scale))
-    return handles
-
-
 @pytest.mark.parametrize("pooler", ["capsule", "last"])
 @pytest.mark.parametrize("dtype,std,atol", [(torch.float64, 0.5, 1e-9), (torch.float32, 0.1, 1e-4)])
 def test_para_on_the_260K_model_equals_hugging_face_with_hooks(pooler, dtype, std, atol):
@@ -168,13 +109,12 @@ def test_para_on_the_260K_model_equals_hugging_face_with_hooks(pooler, dtype, st
     with torch.no_grad():
         ours = model(tokens, prompt_lens=prompt_lens)
         base = Transformer.forward(ours_from_hf(hf), tokens)
-        tensors = adapter_state(model)
+        handles = hf_with_para_hooks(hf, adapter_state(model), cfg, prompt_lens)  # each row its own prompt
+        theirs = hf(tokens).logits
+        for h in handles:
+            h.remove()
         for b in range(2):
-            handles = hf_with_para_hooks(hf, tensors, cfg, prompt_lens[b])
-            theirs = hf(tokens[b:b + 1]).logits[0]
-            for h in handles:
-                h.remove()
-            torch.testing.assert_close(ours[b], theirs, rtol=0, atol=atol)
+            torch.testing.assert_close(ours[b], theirs[b], rtol=0, atol=atol)
             assert (ours[b] - base[b]).abs().max() > 1e-2  # and PARA really changes the model
 
 

@@ -386,3 +386,15 @@ def test_a_second_ctrl_c_quits_at_once_and_says_what_was_kept(tmp_path, capsys, 
 
 
 train_run = train.train
+
+
+def test_save_format_peft_also_writes_the_best_adapter_as_peft_s_directory_and_refuses_para_at_once(tmp_path):
+    train.train(run_args(tmp_path, "--method", "lora", "--max-steps", "2", "--eval-every", "2",
+                         "--save-format", "peft"))
+    out = tmp_path / "run"
+    ours, peft_dir = read_adapter(out / "adapter.safetensors"), read_adapter(out / "peft")
+    assert peft_dir[0] == ours[0] and ours[2].keys() == peft_dir[2].keys()
+    assert all(torch.equal(ours[2][k], peft_dir[2][k]) for k in ours[2])
+    with pytest.raises(ValueError, match="--save-format peft: a para adapter has no PEFT form"):
+        train.train(run_args(tmp_path, "--out", str(tmp_path / "para"), "--save-format", "peft"))
+    assert not (tmp_path / "para" / "checkpoint.pt").exists()

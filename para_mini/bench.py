@@ -262,6 +262,16 @@ def bench_ours(model, s, device, save):
 
 # ------------------------------------------------------------------------------- Hugging Face + PEFT, optional
 
+def hf_missing():
+    """Why transformers and peft cannot be imported, or None: the side-by-side rows are optional."""
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    return None
+
+
 def hf_twin(model):
     """A Hugging Face LlamaForCausalLM whose parameters are the very tensors of `model` (no copy)."""
     import transformers
@@ -549,14 +559,10 @@ def main(argv=None):
                  "adapter; PEFT mixes adapters in a batch for LoRA only, so Hugging Face (IA)^3 has no mixed rows")
     notes.append("PARA has no Hugging Face counterpart: its ratios are against HF base / LoRA / (IA)^3")
 
-    with_hf = not a.no_hf
-    if with_hf:
-        try:
-            import peft  # noqa: F401  optional: only for the side-by-side comparison
-            import transformers  # noqa: F401
-        except ImportError as e:
-            notes.append(f"Hugging Face comparison skipped: {e}")
-            with_hf = False
+    missing = None if a.no_hf else hf_missing()
+    if missing:
+        notes.append(f"Hugging Face comparison skipped: {missing}")
+    with_hf = not a.no_hf and not missing
     same_attention()
     a_, gpu = SHAPES[shape], gpu_specs(device_name(device))
     report = {

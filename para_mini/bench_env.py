@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
-from .bench import (DTYPES, SHAPES, compile_missing, device_name, emit, fresh, gpu_specs, hf_inputs, hf_twin,
-                    prompts, random_model, same_attention, shape_and_dtype, versions, write)
+from .bench import (DTYPES, SHAPES, compile_missing, device_name, emit, fresh, gpu_specs, hf_inputs, hf_missing,
+                    hf_twin, prompts, random_model, same_attention, shape_and_dtype, versions, write)
 from .generation import Request, generate
 
 
@@ -108,14 +108,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = torch.device(a.device)
     shape, dtype = shape_and_dtype(a, device)
-    with_hf = not a.no_hf
-    if with_hf:
-        try:
-            import peft  # noqa: F401  imported for its version: the benchmarks use it
-            import transformers  # noqa: F401
-        except ImportError as e:
-            print(f"Hugging Face skipped: {e}", file=sys.stderr)
-            with_hf = False
+    missing_hf = None if a.no_hf else hf_missing()
+    if missing_hf:
+        print(f"Hugging Face skipped: {missing_hf}", file=sys.stderr)
+    with_hf = not a.no_hf and not missing_hf
     same_attention()
     missing = compile_missing(device)
     report = {

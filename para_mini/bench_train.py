@@ -30,8 +30,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .adapters import AdapterConfig, add_adapter, remove_adapter
-from .bench import (DTYPES, SHAPES, device_name, emit, gpu_specs, hf_twin, random_model, same_attention, versions,
-                    write)
+from .bench import (DTYPES, SHAPES, device_name, emit, gpu_specs, hf_missing, hf_twin, random_model, same_attention,
+                    versions, write)
 from .loading import HF_NAMES
 
 PARA = AdapterConfig("para", ("q", "v", "u"), r=12, K=4)
@@ -269,14 +269,10 @@ def main(argv=None):
     s = {"batch": a.batch, "seq": a.seq, "response": a.response, "steps": a.steps, "dtype": a.dtype,
          "vocab": SHAPES[shape].vocab_size, "grad_checkpointing": a.grad_checkpointing, "gpu": gpu}
     dtype = DTYPES[a.dtype]
-    with_hf = not a.no_hf
-    if with_hf:
-        try:
-            import peft  # noqa: F401  optional: only for the side-by-side comparison
-            import transformers  # noqa: F401
-        except ImportError as e:
-            print(f"PEFT comparison skipped: {e}", file=sys.stderr)
-            with_hf = False
+    missing_hf = None if a.no_hf else hf_missing()
+    if missing_hf:
+        print(f"PEFT comparison skipped: {missing_hf}", file=sys.stderr)
+    with_hf = not a.no_hf and not missing_hf
     same_attention()
     rows = []
     report = {"shape": shape, "device": gpu["name"], "threads": torch.get_num_threads(), "settings": s,

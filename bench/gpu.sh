@@ -43,7 +43,7 @@
 #                                             (para-mini, peft, peft-full-head), start and PEFT's set-up
 #   (e) train 4x2048  cap  50 s   est. ~35 s: 8192 / 5909 = 1.39 s a step, x 12
 #   (f) profile       cap  60 s   est. ~35 s: 8 cases x (3 warm-up + 10 timed + 1 profiled call) of <= 60 ms,
-#                                             ~2 s a profiler session (CUPTI's start: more the first time)
+#                                             ~2 s a profiled case (CUPTI's start: more the first time)
 #   total of the caps: 530 s (+5 s grace for each step killed at its cap); the whole command's limit is 600 s.
 #   (g) compile       cap: what is left of $DEADLINE = 560 s (~160 s by the estimates above; skipped under 60 s,
 #                     or where torch.compile lacks a C compiler or Python.h): the 5-s kill grace and the summary
@@ -100,7 +100,7 @@ step train_8x512 50 bash -c 'exec "$0" -m para_mini.bench_train "$@" --grad-chec
     --out "$OUT/train_8x512.json" >/dev/null' "$PY" "${TRAIN[@]}"
 step train_4x2048 50 bash -c 'exec "$0" -m para_mini.bench_train "$@" --grad-checkpointing --batch 4 --seq 2048 \
     --out "$OUT/train_4x2048.json" >/dev/null' "$PY" "${TRAIN[@]}"
-# TEARDOWN_CUPTI=0: CUPTI stays up between the profiler's sessions (bench_profile sets it too, when run alone)
+# TEARDOWN_CUPTI=0: CUPTI stays up from one profiled case to the next (bench_profile sets it too, when run alone)
 step profile 60 env TEARDOWN_CUPTI=0 bash -c 'exec "$0" -m para_mini.bench_profile "$@" \
     --out "$OUT/profile_7b.json" >/dev/null' "$PY" "${PROFILE[@]}"
 # (g) whatever time is left, up to DEADLINE (560 s) from the start: the fast path torch.compile'd before its CUDA

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from para_mini import Tenants, find_tokenizer, load_model, load_tokenizer
-from para_mini.cli import SEED, Parser, Range, StatusLine, at_least, usable_device
+from para_mini.cli import SEED, Parser, Progress, Range, at_least, usable_device
 from para_mini.generation import Request, beam_search, generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -254,27 +254,6 @@ def answered_before(path, entries):
     return todo, len(entries) - len(todo)
 
 
-class Progress:
-    """Requests done / total, new tokens/s and ETA on stderr: an updating line on a terminal, else every 10 s."""
-    LOG_SECONDS = 10
-
-    def __init__(self, total):
-        self.total, self.done, self.failed, self.tokens = total, 0, 0, 0
-        self.t0 = self.logged = time.time()
-        self.status = StatusLine(sys.stderr)  # errors go through it too, so they never land on the progress line
-
-    def add(self, answers):
-        self.done += len(answers)
-        self.failed += sum("error" in a for a in answers)
-        self.tokens += sum(a.get("new_tokens", 0) for a in answers)
-        now = time.time()
-        if self.status.tty or now - self.logged >= self.LOG_SECONDS or self.done == self.total:
-            self.logged, el = now, now - self.t0
-            self.status.update(f"requests {self.done}/{self.total}  {self.failed} failed  "
-                               f"{self.tokens / max(el, 1e-9):,.0f} new tok/s  elapsed {el:,.0f}s  "
-                               f"eta {el / self.done * (self.total - self.done):,.0f}s", keep=self.done == self.total)
-
-
 def answer_prompt(model, tok, tenants, args):
     request = Request(encode(tok, args.prompt, args.chat, args.system), next(iter(tenants), None),
                       args.max_new_tokens, args.seed)
@@ -317,33 +296,39 @@ def main(argv=None):
         sys.exit(130)
     if before:
         print(f"{args.output}: {before} requests answered by an earlier run, skipped", file=sys.stderr)
-    progress = Progress(len(entries))
+    # requests done / total, new tokens/s and ETA on stderr: an updating line on a terminal, else every 10 s
+    progress, done, failed, new_tokens, t0 = Progress(sys.stderr, log_seconds=10), 0, 0, 0, time.time()
+    progress.start("requests")
     sink = open(args.output, "a", encoding="utf-8") if args.output else sys.stdout
     where = args.output or "stdout"
 
     def write(answers):  # as soon as a batch is done, so an interruption loses only the batch in flight
+        nonlocal done, failed, new_tokens
         for a in answers:
             if "error" in a:
-                progress.status.print(f"error: {a['error']}")
+                progress.print(f"error: {a['error']}")  # through the progress line, so it never lands on it
         if sink is sys.stdout:
-            progress.status.end()  # answers on the terminal: never after the progress line on the same screen
+            progress.end()  # answers on the terminal: never after the progress line on the same screen
         sink.write("".join(json.dumps({k: v for k, v in a.items() if k != "new_tokens"}, ensure_ascii=False) + "\n"
                            for a in answers))
         sink.flush()
-        progress.add(answers)
+        done, failed = done + len(answers), failed + sum("error" in a for a in answers)
+        new_tokens += sum(a.get("new_tokens", 0) for a in answers)
+        progress.count("requests", done, len(entries), f"{failed} failed  "
+                       f"{new_tokens / max(time.time() - t0, 1e-9):,.0f} new tok/s", keep=done == len(entries))
 
     try:
         serve(model, tok, tenants, entries, args, write)
     except KeyboardInterrupt:
-        progress.status.print(f"interrupted: {progress.done} of {len(entries)} answers written to {where}"
+        progress.print(f"interrupted: {done} of {len(entries)} answers written to {where}"
                               + (" (run the same command again to answer the rest)" if args.output else ""))
         sys.exit(130)
     finally:
-        progress.status.end()
+        progress.end()
         if args.output:
             sink.close()
-    if progress.failed:
-        print(f"error: {progress.failed} of {len(entries)} requests failed (their \"error\" says why); the others "
+    if failed:
+        print(f"error: {failed} of {len(entries)} requests failed (their \"error\" says why); the others "
               f"are answered in {where}", file=sys.stderr)
         sys.exit(1)
 

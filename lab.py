@@ -38,6 +38,7 @@ from para_mini.data import LABELS, SYSTEM_PROMPT, load_task, one_per_query
 from para_mini.metrics import score
 from para_mini.model import VectorGenerator, apply_rope
 from para_mini.tokenizer import B_INST, B_SYS, E_SYS
+from para_mini.training import MAX_NEW_TOKENS, tokenize
 
 ROOT = Path(__file__).resolve().parent
 # lab/results: the reference tables LAB.md shows (committed); a rerun writes to lab/runs/results unless told otherwise
@@ -53,14 +54,14 @@ REFERENCE, RUNS = ROOT / "lab" / "results", ROOT / "lab" / "runs"
 # learns to emit EOS after the label (see label_first_accuracy). "quick": the classroom version, under a minute.
 TASKS = {
     "sst2": {"train": "sst2/train.tsv", "dev": None, "test": "sst2/dev.tsv",
-             "flags": ["--max-train", "20000", "--max-eval", "872", "--batch-size", "16", "--max-steps", "1400",
-                       "--eval-every", "350", "--lr", "1e-2", "--max-new-tokens", "6", "--system", "", "--no-eos-loss"],
-             "method": {"lora": ["--lr", "3e-3"], "ia3": ["--lr", "2e-2"]},  # each method's best rate (LAB.md)
-             "quick": ["--max-steps", "100", "--max-eval", "200", "--eval-every", "100"]},
+             "settings": dict(max_train=20000, max_eval=872, batch_size=16, max_steps=1400, eval_every=350, lr=1e-2,
+                              max_new_tokens=6, system="", no_eos_loss=True),
+             "method": {"lora": dict(lr=3e-3), "ia3": dict(lr=2e-2)},  # each method's best rate (LAB.md)
+             "quick": dict(max_steps=100, max_eval=200, eval_every=100)},
     "boolq": {"train": "boolq/train.jsonl", "dev": "boolq/dev.jsonl", "test": "boolq/test.jsonl",
-              "flags": ["--max-eval", "400", "--max-len", "256", "--batch-size", "16", "--max-steps", "120",
-                        "--eval-every", "40", "--lr", "1e-2", "--max-new-tokens", "2"],
-              "quick": ["--max-steps", "40", "--max-eval", "100", "--eval-every", "40"]},
+              "settings": dict(max_eval=400, max_len=256, batch_size=16, max_steps=120, eval_every=40, lr=1e-2,
+                               max_new_tokens=2),
+              "quick": dict(max_steps=40, max_eval=100, eval_every=40)},
 }
 SEEDS = (0, 1, 2)
 # The size knob each method's budget is matched with: PARA's bottleneck, LoRA's rank, and for (IA)^3 and BitFit the
@@ -105,37 +106,40 @@ def describe(cfg: AdapterConfig) -> str:
     return s
 
 
-def method_flags(cfg: AdapterConfig) -> list:
-    f = ["--method", cfg.method, "--targets", ",".join(cfg.targets)]
+def adapter_settings(cfg: AdapterConfig) -> dict:
+    """The adapter as train.py's settings (--method, --targets, ...)."""
+    f = {"method": cfg.method, "targets": ",".join(cfg.targets)}
     if cfg.method in ("para", "lora"):
-        f += ["--r", str(cfg.r)]
+        f["r"] = cfg.r
     if cfg.method == "para":
-        f += ["--pooler", cfg.pooler, "--K", str(cfg.K)]
+        f |= {"pooler": cfg.pooler, "K": cfg.K}
     if cfg.proj:
-        f += ["--proj", str(cfg.proj)]
+        f["proj"] = cfg.proj
     return f
 
 
 # ------------------------------------------------------------------------------------------------ training runs
 
-def run_argv(opts, cfg: AdapterConfig, seed: int, out: Path, extra=()) -> list:
+def run_config(opts, cfg: AdapterConfig, seed: int, out: Path, extra=None) -> train.TrainConfig:
+    """One run's settings: the task's, the method's own rate, the adapter, then --quick's and those given after --,
+    then `extra` (this run's alone, e.g. its system prompt), each on top of the one before."""
     t, data = TASKS[opts.data], opts.shared / "data"
-    files = ["--data", str(data / t["train"]), "--test", str(data / t["test"])]
-    files += ["--dev", str(data / t["dev"])] if t["dev"] else []
-    return files + t["flags"] + t.get("method", {}).get(cfg.method, []) + method_flags(cfg) + [
-        "--weights", str(opts.shared / "assets" / "stories260K" / "hf"), "--device", "cpu", "--beam", "1",
-        "--log-every", "1000000", "--seed", str(seed), "--out", str(out), "--overwrite",  # a re-run replaces it
-    ] + opts.train_flags + list(extra)
+    base = train.TrainConfig(data=str(data / t["train"]), dev=t["dev"] and str(data / t["dev"]),
+                             test=str(data / t["test"]), weights=str(opts.shared / "assets" / "stories260K" / "hf"),
+                             device="cpu", beam=1, log_every=10 ** 6, overwrite=True,  # a re-run replaces it
+                             **t["settings"])
+    settings = t.get("method", {}).get(cfg.method, {}) | adapter_settings(cfg) | {"seed": seed, "out": str(out)}
+    return replace(base, **settings | opts.overrides | (extra or {}))
 
 
-def train_one(opts, table: str, name: str, cfg: AdapterConfig, seed: int, extra=()) -> dict:
+def train_one(opts, table: str, name: str, cfg: AdapterConfig, seed: int, extra=None) -> dict:
     """One train.py run, its output kept in lab/runs/<table>/<name>-seed<seed>/train.log; one line printed.
-    `extra`: train.py flags of this run alone (they come last, so they win)."""
+    `extra`: settings of this run alone (they win over every other)."""
     out = RUNS / table / f"{name}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(out / "train.log", "w") as log, contextlib.redirect_stdout(log):
-        summary = train.train(train.parse_args(run_argv(opts, cfg, seed, out, extra)))
+        summary = train.train(run_config(opts, cfg, seed, out, extra))
     seconds = time.time() - t0
     acc = label_first_accuracy(summary["task"], out / "predictions_test.jsonl")
     print(f"  {table}: {name:<12} seed {seed}  test acc {acc:5.1f} (train.py's parse "
@@ -218,7 +222,7 @@ def train_many(opts, jobs: list) -> list:
 def run_rows(opts, table: str, rows: list) -> list:
     """rows: (label, run name, AdapterConfig) -> each with its parameter count and the median over the seeds."""
     args = model_args(opts)
-    done = iter(train_many(opts, [(table, name, cfg, seed, ()) for _, name, cfg in rows for seed in opts.seeds]))
+    done = iter(train_many(opts, [(table, name, cfg, seed, None) for _, name, cfg in rows for seed in opts.seeds]))
     out = []
     for label, name, cfg in rows:
         runs = [next(done) for _ in opts.seeds]
@@ -233,7 +237,7 @@ def model_args(opts):
 
 
 def run_settings(opts):
-    return train.parse_args(run_argv(opts, AdapterConfig("para"), 0, RUNS))
+    return run_config(opts, AdapterConfig("para"), 0, RUNS)
 
 
 def majority_baseline(opts) -> dict:
@@ -262,7 +266,7 @@ def settings_line(opts) -> str:
 def lr_exceptions(opts, lr: float) -> str:
     """The methods this task trains at a rate other than `lr`, e.g. " (LoRA: 0.003)"; flags after -- win."""
     names = {"para": "PARA", "lora": "LoRA", "ia3": "(IA)^3", "bitfit": "BitFit"}
-    rates = {m: train.parse_args(run_argv(opts, AdapterConfig(m), 0, RUNS)).lr for m in names}
+    rates = {m: run_config(opts, AdapterConfig(m), 0, RUNS).lr for m in names}
     return "".join(f" ({names[m]}: {rate:g})" for m, rate in rates.items() if rate != lr)
 
 
@@ -428,10 +432,10 @@ def test_prompts(opts, tok, n: int, system=None) -> tuple:
     t = TASKS[opts.data]
     task, examples = load_task(opts.shared / "data" / t["test"])
     examples = one_per_query(examples)[:n]
-    budget = train.MAX_NEW_TOKENS.get(task, 8)
+    budget = MAX_NEW_TOKENS.get(task, 8)
     settings = run_settings(opts)
     system = settings.system if system is None else system
-    pairs, _, _ = train.tokenize(examples, tok, settings.max_len, system, budget)
+    pairs, _, _ = tokenize(examples, tok, settings.max_len, system, budget)
     return [p for p, _ in pairs], examples
 
 
@@ -460,7 +464,7 @@ def cmd_vectors(opts):
                     for sys_prompt in (system, "" if system else SYSTEM_PROMPT)]
         print(f"training {len(variants)} PARA adapters on {opts.data} (seed 0; give --para to use your own)")
         runs = train_many(opts, [("vectors" + opts.suffix, f"para-{pooler}-{'system' if sys_prompt else 'query'}",
-                                  AdapterConfig("para", r=12, pooler=pooler), 0, ("--system", sys_prompt))
+                                  AdapterConfig("para", r=12, pooler=pooler), 0, {"system": sys_prompt})
                                  for pooler, _, sys_prompt in variants])
         adapters = [(f"{label}, {'system prompt + query' if sys_prompt else 'the query alone'}",
                      ROOT / run["adapter"], sys_prompt, run["test"])
@@ -609,7 +613,7 @@ def cmd_attention(opts):
     if missing:
         print(f"training {' and '.join(c.method for c, _ in missing)} on {opts.data} (seed 0; --para and --ia3 take "
               "your own)")
-    runs = iter(train_many(opts, [("attention" + opts.suffix, cfg.method, cfg, 0, ("--system", SYSTEM_PROMPT))
+    runs = iter(train_many(opts, [("attention" + opts.suffix, cfg.method, cfg, 0, {"system": SYSTEM_PROMPT})
                                   for cfg, _ in missing]))
     para_path, ia3_path = (Path(getattr(opts, flag)) if getattr(opts, flag) else ROOT / next(runs)["adapter"]
                            for flag in ("para", "ia3"))
@@ -714,8 +718,13 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     opts = p.parse_args(ours)
-    # after "--": train.py flags that override the table's, e.g. -- --max-steps 50 (later flags win in argparse)
-    opts.train_flags = (TASKS[opts.data]["quick"] if opts.quick else []) + extra
+    # after "--": train.py flags that override the table's settings, e.g. -- --max-steps 50, checked as train.py
+    # checks them, before anything trains
+    opts.overrides = (TASKS[opts.data]["quick"] if opts.quick else {}) | vars(train.parser(True).parse_args(extra))
+    try:
+        run_settings(opts)
+    except ValueError as e:
+        train.parser().error(str(e))
     opts.seeds = getattr(opts, "seeds", None) or ([0] if opts.quick or opts.cmd in ("vectors", "attention")
                                                   else list(SEEDS))
     opts.suffix = "-quick" if opts.quick else ""
@@ -731,7 +740,6 @@ def main(argv=None):
         print(f"error: the shared 260K model is not at {opts.shared / 'assets/stories260K/hf'}; give --shared",
               file=sys.stderr)
         sys.exit(2)
-    run_settings(opts)  # train.py's own checks of the flags after --, before anything trains
     torch.set_num_threads(1)  # every number computed here, as in the runs (train_alone), with one thread
     {"compare": cmd_compare, "ablations": cmd_ablations, "sweep": cmd_sweep, "vectors": cmd_vectors,
      "attention": cmd_attention}[opts.cmd](opts)

@@ -33,6 +33,7 @@ from .adapters import AdapterConfig, add_adapter, remove_adapter
 from .bench import (DTYPES, SHAPES, device_name, emit, gpu_specs, hf_missing, hf_twin, random_model, same_attention,
                     versions, write)
 from .loading import HF_NAMES
+from .training import loss_sum
 
 PARA = AdapterConfig("para", ("q", "v", "u"), r=12, K=4)
 DEFINITIONS = {
@@ -119,13 +120,10 @@ def update(loss, opt):
     return loss.detach()
 
 
-# The step of train.py's loop (loss_sum, then backward, clipping, AdamW), for one micro-batch per step.
 def para_step(model, opt, tokens, targets, lens, autocast):
-    scored = targets != -100
-    with autocast:
-        logits = model(tokens, prompt_lens=lens, logits_at=scored)
-    loss = F.cross_entropy(logits.float(), targets[scored], reduction="sum") / scored.sum()
-    return update(loss, opt)
+    """The step of train.py's loop, for one micro-batch per step: its loss (loss_sum, a mean over the scored
+    tokens), then backward, clipping, AdamW."""
+    return update(loss_sum(model, tokens, targets, lens, autocast) / (targets != -100).sum(), opt)
 
 
 def peft_loss(model, tokens, targets):

@@ -1,10 +1,12 @@
 # What the command-line programs (train.py, generate.py, lab.py) share: flags checked for their range as they are
-# parsed, a device checked before anything loads, and progress lines that a terminal shows cleanly.
+# parsed (and made from a config dataclass's fields), a device checked before anything loads, and progress lines
+# that a terminal shows cleanly.
 import argparse
 import math
 import shutil
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
@@ -67,6 +69,45 @@ def between(low, high):
 SEED = between(0, 2 ** 32 - 1)
 
 
+def option(help, default=None, type=None, choices=None, group=None, required=False):
+    """A field of a config dataclass that is also its command-line flag (add_options): --name-with-dashes, with this
+    help, type (a Range checks the value) and choices; a field that defaults to False is a switch. group: the
+    --help section that starts with this field."""
+    meta = {"help": help, "type": type, "choices": choices, "group": group}
+    return field(metadata=meta) if required else field(default=default, metadata=meta)
+
+
+def add_options(parser, config, only_given=False):
+    """A flag for every field of the dataclass `config` (see option). only_given: no defaults and nothing required,
+    so that parse_args returns just the flags given, e.g. to override some fields of a config made elsewhere."""
+    group = parser
+    for f in fields(config):
+        m = f.metadata
+        if m["group"]:
+            group = parser.add_argument_group(m["group"])
+        kw = {"help": m["help"]}
+        if f.default is False:
+            kw["action"] = "store_true"
+        else:
+            kw.update({k: m[k] for k in ("type", "choices") if m[k] is not None})
+        if only_given:
+            kw["default"] = argparse.SUPPRESS
+        elif f.default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def check_options(config):
+    """The range checks of add_options' flags, for a config made in code: a value out of range is a ValueError that
+    names the flag."""
+    for f in fields(config):
+        value, kind = getattr(config, f.name), f.metadata.get("type")
+        if isinstance(kind, Range) and value is not None and kind.problem(value):
+            raise ValueError(f"--{f.name.replace('_', '-')}: {kind.problem(value)}")
+
+
 def usable_device(name: str) -> str:
     """An argparse type: a device this torch and this machine can use, so that --device cuda on a CPU-only torch
     stops at once with one line instead of an AssertionError from inside the first tensor moved there."""
@@ -120,3 +161,39 @@ class StatusLine:
     def print(self, text):
         self.end()
         print(text, file=self.stream, flush=True)
+
+
+class Progress:
+    """Counts with their elapsed time and ETA on a StatusLine: "<what> <done>/<total>  <detail>  elapsed  eta".
+    Each `what` has its own clock, started by start() or by a count that starts over (a new evaluation). Off a
+    terminal a line comes at most every log_seconds, unless it is kept (a training step, the last request), so that
+    a log is neither flooded nor silent through a long evaluation."""
+    LOG_SECONDS = 30
+
+    def __init__(self, stream=None, log_seconds=None):
+        self.status = StatusLine(stream)
+        self.log_seconds = self.LOG_SECONDS if log_seconds is None else log_seconds
+        self.clocks, self.logged = {}, time.time()  # what -> [start time, count at the start, last count]
+
+    def start(self, what, done=0):
+        self.logged = now = time.time()
+        self.clocks[what] = [now - 1e-9, done, done]
+
+    def count(self, what, done, total, detail="", keep=False):
+        if what not in self.clocks or done <= self.clocks[what][2]:
+            self.start(what)
+        t0, done0, _ = self.clocks[what]
+        self.clocks[what][2] = done
+        now = time.time()
+        if not (keep or self.status.tty or now - self.logged >= self.log_seconds):
+            return
+        self.logged, el = now, now - t0
+        eta = el / max(1, done - done0) * (total - done)
+        self.status.update(f"{what} {done}/{total}  " + (f"{detail}  " if detail else "")
+                           + f"elapsed {el:,.0f}s  eta {eta:,.0f}s", keep=keep)
+
+    def print(self, text):
+        self.status.print(text)
+
+    def end(self):
+        self.status.end()

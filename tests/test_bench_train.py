@@ -1,6 +1,7 @@
-# The training benchmark: its live-tensor counter against hand-worked byte counts, its step against train.py's,
-# its FLOP count against a hand-worked one and against what the step multiplies, PEFT's like-for-like loss against
-# Hugging Face's own, and its depth extrapolation against a run at the full depth.
+# The training benchmark: its live-tensor counter against hand-worked byte counts, its FLOP count against a
+# hand-worked one and against what the step multiplies, PEFT's like-for-like loss against Hugging Face's own, and its
+# depth extrapolation against a run at the full depth. Its PARA step is train.py's loss (para_mini.training.loss_sum,
+# tested in test_train.py), called, not copied.
 import json
 import subprocess
 import sys
@@ -12,12 +13,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from para_mini.bench import random_model
-from para_mini.bench_train import LiveTensors, batch, model_flops, para_step, peft_full_head_loss, peft_loss
+from para_mini.bench_train import LiveTensors, batch, model_flops, peft_full_head_loss, peft_loss
 from para_mini.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
 
 
 def test_live_tensors_counts_the_bytes_alive_at_the_worst_moment():
@@ -124,27 +123,6 @@ def test_peft_with_the_head_on_the_scored_positions_only_has_the_full_head_loss(
     for g, h in zip(ours_grads, full_grads):
         torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-8)
     peft_lora.zero_grad()
-
-
-def test_the_bench_step_is_train_pys_step():
-    args = SMALL
-    ours = random_model(args, torch.float32, torch.device("cpu"))
-    theirs = random_model(args, torch.float32, torch.device("cpu"))
-    for m in (ours, theirs):
-        torch.manual_seed(0)  # the same initial adapter
-        train.add_adapter(m, train.AdapterConfig("para"))
-    tokens, targets, lens = batch(128, 3, 20, 4, "cpu")
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, theirs)]
-    nothing = torch.autocast("cpu", enabled=False)
-    for _ in range(2):
-        loss = para_step(ours, opts[0], tokens, targets, lens, nothing)
-        want = train.loss_sum(theirs, tokens, targets, lens, nothing) / (targets != -100).sum()
-        want.backward()
-        torch.nn.utils.clip_grad_norm_(opts[1].param_groups[0]["params"], 1.0)
-        opts[1].step()
-        opts[1].zero_grad()
-        assert torch.equal(loss, want.detach())
-    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters()))
 
 
 def test_the_bench_prints_json_and_its_depth_fit_predicts_the_full_depth(tmp_path):

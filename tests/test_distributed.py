@@ -19,6 +19,7 @@ from test_train import run_args
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from para_mini.adapters import read_adapter  # noqa: E402
+from para_mini.distributed import whole  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch has no torch.distributed gloo backend")
@@ -34,7 +35,7 @@ def first_gradient(into, name):
     def clip(params, *a, **k):
         params = list(params)
         if name not in into:
-            into[name] = [train.whole(p.grad).detach().clone() for p in params]  # --shard: every rank gathers
+            into[name] = [whole(p.grad).detach().clone() for p in params]  # --shard: every rank gathers
         return CLIP(params, *a, **k)
     return mock.patch.object(torch.nn.utils, "clip_grad_norm_", clip)
 

@@ -280,7 +280,7 @@ def test_lab_help_lists_every_command(capsys):
 def test_a_tasks_per_method_learning_rate_reaches_that_method_alone_and_flags_after_dashes_win():
     def lr(argv, method):
         opts = lab.parse_args(argv)
-        return lab.train.parse_args(lab.run_argv(opts, AdapterConfig(method), 0, Path("out"))).lr
+        return lab.run_config(opts, AdapterConfig(method), 0, Path("out")).lr
     sst2 = ["compare", "--data", "sst2"]
     assert (lr(sst2, "lora"), lr(sst2, "ia3"), lr(sst2, "para"), lr(sst2, "bitfit")) == (3e-3, 2e-2, 1e-2, 1e-2)
     assert lr(["compare", "--data", "boolq"], "lora") == 1e-2  # BoolQ trains every method alike

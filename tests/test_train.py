@@ -6,6 +6,7 @@ import re
 import shutil
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from para_mini import load_adapter, load_model, load_tokenizer  # noqa: E402
 from para_mini.adapters import read_adapter  # noqa: E402
 from para_mini.data import SYSTEM_PROMPT  # noqa: E402
 from para_mini.metrics import score  # noqa: E402
+from para_mini import training  # noqa: E402
 
 COLOURS = {"apple": "red", "banana": "yellow", "sky": "blue", "grass": "green", "snow": "white", "coal": "black"}
 
@@ -67,7 +69,7 @@ def test_training_lowers_the_dev_loss_writes_an_adapter_and_a_summary_that_reloa
     from para_mini.data import load_task, one_per_query
     task, test = load_task(args.test)
     test = one_per_query(test)
-    preds = train.predict(model, tok, task, test, args, SYSTEM_PROMPT)
+    preds = training.predict(model, tok, task, test, SYSTEM_PROMPT, args.max_len, args.beam, args.max_new_tokens)
     assert score(task, preds, test) == summary["test"]
 
 
@@ -100,7 +102,7 @@ def test_an_interrupted_run_resumed_ends_with_the_same_adapter_bit_for_bit(tmp_p
 def test_the_loss_mask_covers_exactly_the_response_tokens_and_eos():
     tok = load_tokenizer(shared("assets", "llama2-tokenizer", "tokenizer.model"))
     pairs = [tok.encode_chat("Is the sky blue?", "yes", SYSTEM_PROMPT), tok.encode_chat("Two plus two?", "four")]
-    tokens, targets, lens = train.collate(pairs, tok.pad_id, "cpu")
+    tokens, targets, lens = training.collate(pairs, tok.pad_id, "cpu")
     for b, (p, r) in enumerate(pairs):
         assert r[-1] == tok.eos_id
         assert lens[b] == len(p)
@@ -121,16 +123,16 @@ def test_the_loss_is_the_cross_entropy_of_every_position_with_the_prompt_and_pad
         if p.requires_grad:
             p.add_(torch.randn(p.shape, generator=g) * 0.1)  # a trained-looking adapter, not the identity
     pairs = [([1, 5, 9, 300, 41], [72, 2]), ([1, 8, 8], [11, 12, 13, 2])]
-    tokens, targets, lens = train.collate(pairs, 0, "cpu")
+    tokens, targets, lens = training.collate(pairs, 0, "cpu")
     want = torch.nn.functional.cross_entropy(model(tokens, prompt_lens=lens).flatten(0, 1), targets.flatten(),
                                              ignore_index=-100, reduction="sum")
-    got = train.loss_sum(model, tokens, targets, lens, torch.autocast("cpu", enabled=False))
+    got = training.loss_sum(model, tokens, targets, lens, torch.autocast("cpu", enabled=False))
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-5) and want > 1.0
 
 
 def test_the_learning_rate_warms_up_for_6_percent_then_decays_linearly():
     args = train.parse_args(["--data", "x", "--weights", "y", "--lr", "1e-4"])
-    lrs = [train.lr_at(s, 100, args) for s in range(100)]
+    lrs = [training.lr_at(s, 100, args.lr, args.warmup) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4 / 6) and lrs[5] == pytest.approx(1e-4)
     assert lrs[6] == pytest.approx(1e-4 * 94 / 94) and lrs[53] == pytest.approx(1e-4 * 47 / 94)
     assert lrs[99] == pytest.approx(1e-4 / 94) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
@@ -245,8 +247,10 @@ def test_no_eos_loss_leaves_exactly_the_final_eos_out_of_the_training_and_dev_lo
     tok = load_tokenizer(shared("assets", "stories260K", "hf", "tokenizer.model"))
     responses = {tuple(tok.encode_chat("x", c)[1]) for c in COLOURS.values()}  # each colour's ids, EOS at the end
     seen = []
-    collate = train.collate
-    monkeypatch.setattr(train, "collate", lambda pairs, *a: seen.extend(r for _, r in pairs) or collate(pairs, *a))
+    collate = training.collate
+    seeing = lambda pairs, *a: seen.extend(r for _, r in pairs) or collate(pairs, *a)
+    monkeypatch.setattr(train, "collate", seeing)  # the training steps
+    monkeypatch.setattr(training, "collate", seeing)  # the dev loss
     for flags, want in (((), responses), (("--no-eos-loss",), {r[:-1] for r in responses})):
         seen.clear()
         train.train(run_args(tmp_path, "--max-steps", "2", "--eval-every", "2", "--overwrite", *flags))
@@ -310,6 +314,20 @@ def test_every_numeric_flag_has_a_range_and_every_flag_says_what_it_does_and_its
         assert a.help, a.option_strings
         if a.default not in (None, False) and a.option_strings[0] != "--system":
             assert "default" in a.help, a.option_strings
+
+
+def test_resume_with_overwrite_and_a_config_made_in_code_out_of_range_are_refused_as_the_flags_are(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", "x.jsonl", "--weights", "w", "--resume", "--overwrite"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --resume continues the run")
+    cfg = train.parse_args(["--data", "x.jsonl", "--weights", "w"])
+    assert cfg == train.TrainConfig(data="x.jsonl", weights="w")  # the flags' defaults are the fields'
+    for change, message in [({"lr": 0.0}, "--lr: must be above 0.0, got 0.0"), ({"K": 0}, "--K: must be at least 1"),
+                            ({"warmup": 2.0}, "--warmup: must be between 0.0 and 1.0"),
+                            ({"resume": True, "overwrite": True}, "--resume continues the run")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            replace(cfg, **change)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

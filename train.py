@@ -7,7 +7,7 @@ accumulation and clipping, loss on the response tokens only, dev loss every --ev
 stopping, the best adapter saved atomically, a resumable checkpoint (also on Ctrl-C), then test predictions and
 the paper's metric, written as a JSON summary next to the adapter.
 
-More than one GPU: the same script under torchrun (README, "More than one GPU"); --shard splits the backbone.
+More than one GPU: the same script under torchrun (docs/distributed.md); --shard splits the backbone.
 
     torchrun --nproc_per_node 8 train.py --data boolq.jsonl --weights weights/Llama-2-7b-hf --grad-accum 8
 """

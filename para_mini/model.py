@@ -110,7 +110,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, n_heads, T, head_dim]
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, n_kv_heads, T, head_dim]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # PARA scales Q before RoPE (README, decision 6)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # PARA scales Q before RoPE (docs/design.md decision 6)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, n_kv_heads, cached positions, head_dim]
         if T == 1 and mask is not None and self.n_kv_heads != self.n_heads:
@@ -173,7 +173,7 @@ class VectorGenerator(nn.Module):
             self.pool = CapsulePooler(cfg.r, cfg.K, attentional=cfg.pooler == "capsule")
 
     def forward(self, h, mask):
-        # h: the attention RMSNorm output [B, T, dim] (README, decision 1); mask: [B, T] True at prompt tokens.
+        # h: the attention RMSNorm output [B, T, dim] (docs/design.md decision 1); mask: [B, T] True at prompt tokens.
         # Written so that the weights may also carry a leading batch axis, one per row (serving.py stacks them).
         W_down, W_up, b_up = self.down.weight, self.up.weight, self.up.bias
         h_prime = h.to(W_down.dtype) @ W_down.mT  # Eq. (6): h' = h W_down                         [B, T, r]
@@ -214,7 +214,7 @@ class CapsulePooler(nn.Module):
         else:
             logits = h_prime.new_zeros(h_prime.shape[0], m.shape[1], h_prime.shape[1])
         c = self.capsules(logits, m, mask)
-        logits = logits + (m @ c[..., None]).squeeze(-1)  # Eq. (10): m_jk += c_k . m_{j->k} (README, decision 2)
+        logits = logits + (m @ c[..., None]).squeeze(-1)  # Eq. (10): m_jk += c_k . m_{j->k} (docs/design.md decision 2)
         c = self.capsules(logits, m, mask)
         return c.flatten(1)  # [c_1, ..., c_K] concatenated: [B, r]
 

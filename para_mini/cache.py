@@ -28,6 +28,20 @@ class KVCache:
         if pad is not None:
             self.pad[:n] = pad
 
+    def prepare(self, B: int, T: int, pad: Optional[torch.Tensor], prefill: bool):
+        """Before a forward of T tokens in each of B rows -> (the positions they are written at [T], the position
+        attention reads up to (None: the whole buffer), each row's left padding [B] (None: none))."""
+        if prefill:
+            self.start(pad, B)
+        self.input_pos = self.pos + torch.arange(T, device=self.pos.device)
+        self.end = None if self.static else self.n + T
+        return self.input_pos, self.end, self.pad[:B] if self.static or self.padded else None
+
+    def advance(self, T: int):
+        self.pos += T
+        if not self.static:  # a static step is counted by its caller: a replayed graph runs no Python
+            self.n += T
+
     def update(self, layer: int, k, v):
         """Write k, v [n, n_kv_heads, T, head_dim] of the first n rows at this forward's positions -> the keys and
         values up to position `end` (None: the whole buffer, every shape fixed)."""

@@ -276,13 +276,8 @@ class Transformer(nn.Module):
         prefill = cache is None or (not static and cache.n == 0)
         if cache is None:
             input_pos, end = torch.arange(T, device=tokens.device), T
-        else:
-            if prefill:
-                cache.start(pad, B)
-            input_pos = cache.pos + torch.arange(T, device=tokens.device)  # where these tokens go in the buffer
-            end = None if static else cache.n + T
-            pad = cache.pad[:B] if static or cache.padded else None
-            cache.input_pos, cache.end = input_pos, end
+        else:  # where these tokens go in the buffer, how far attention reads it, each row's left padding
+            input_pos, end, pad = cache.prepare(B, T, pad, prefill)
         # a mask where keys must be hidden: a static step's unwritten positions, or a chunk of several new tokens
         masked = static or not (prefill or T == 1)
         cos, sin, mask = self.positions(input_pos, pad, cache.k.shape[3] if static else end, masked)
@@ -294,9 +289,7 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, prompt_mask, cache, i)
         if cache is not None:
-            cache.pos += T
-            if not static:  # a static step is counted by its caller: a replayed graph runs no Python
-                cache.n += T
+            cache.advance(T)
         if logits_at is not None:  # select before the norm: it is per position, so the result is the same
             h = h[logits_at] if isinstance(logits_at, torch.Tensor) else h[:, logits_at]
         return self.output(self.norm(h))

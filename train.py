@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -35,10 +36,10 @@ from para_mini import (AdapterConfig, add_adapter, find_tokenizer, load_model, l
                        save_adapter)
 from para_mini.adapters import adapter_state, block_state, new_adapter, read_adapter, weights_digest
 from para_mini.cli import SEED, Parser, StatusLine, above, at_least, between, usable_device
-from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query, split, truncate
+from para_mini.data import LABELS, SYSTEM_PROMPT, load_task, one_per_query, split, truncate
 from para_mini.generation import generate_texts
 from para_mini.loading import check_tensors, read_checkpoint, torch_load
-from para_mini.metrics import METRIC, score
+from para_mini.metrics import METRIC, label_first_accuracy, score
 from para_mini.model import Transformer
 from para_mini.peft_format import peft_form_problem
 
@@ -53,6 +54,9 @@ def parser():
     g.add_argument("--data", required=True, help="training file (jsonl / tsv / csv / json as published)")
     g.add_argument("--dev", help="dev file (default: a seeded 10%% split of --data)")
     g.add_argument("--test", help="test file (default: a seeded 10%% split of --data when --dev is not given)")
+    g.add_argument("--no-test", action="store_true",
+                   help="no test set and no test file read: the seeded split of --data keeps its 10%% dev part and "
+                        "trains on the rest, exactly as with --test, so settings chosen on dev never see the test set")
     g.add_argument("--task", help="task name; default: recognised from the file's fields")
     g.add_argument("--max-train", type=at_least(1), help="use only the first N training examples (after shuffling)")
     g.add_argument("--max-eval", type=at_least(1), help="evaluate on at most N dev / test examples")
@@ -103,8 +107,12 @@ def parser():
                    help="micro-batches per optimizer step (under torchrun: shared among the GPUs; default 1)")
     g.add_argument("--clip", type=above(0.0), default=1.0, help="gradient norm clipping (default 1.0)")
     g.add_argument("--eval-every", type=at_least(1), default=100, help="dev loss every N steps (default 100)")
+    g.add_argument("--select-by", choices=["dev-loss", "label-acc"], default="dev-loss",
+                   help="keep the adapter of the evaluation with the lowest dev loss (default), or the highest dev "
+                        "label accuracy (the label the greedy answer starts with, on --max-eval dev examples; ties "
+                        "go to the lower dev loss). label-acc is for classification tasks; others keep dev loss")
     g.add_argument("--patience", type=at_least(1), default=10,
-                   help="stop after N evaluations without a better dev loss (default 10)")
+                   help="stop after N evaluations without a better dev score (default 10)")
     g.add_argument("--seed", type=SEED, default=42, help="data order, split and initialisation (default 42)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run directory (default: runs/<task>-<method>); a folder that already holds a "
@@ -130,6 +138,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if args.no_test and args.test:
+        p.error("--no-test reads no test file: leave out --test")
     return args
 
 
@@ -235,7 +245,7 @@ def atomic_save(obj, path):
 # The settings a resumed run must share with the interrupted one, or it would not continue the same run.
 SAME_RUN = ("data", "dev", "task", "max_train", "max_eval", "max_len", "system", "no_eos_loss", "weights", "method",
             "targets", "r", "pooler", "K", "lora_alpha", "proj", "lr", "weight_decay", "warmup", "epochs", "max_steps",
-            "batch_size", "grad_accum", "clip", "eval_every", "patience", "seed")
+            "batch_size", "grad_accum", "clip", "eval_every", "patience", "seed", "select_by")
 
 
 def file_digest(path):
@@ -255,12 +265,13 @@ def same_run_settings(args, model):
     return settings
 
 
-def checkpoint_state(model, opt, step, best, bad, settings):
-    """Every tensor whole, so one file resumes with or without torchrun; under --shard every rank must call this."""
+def checkpoint_state(model, opt, step, best, bad, settings, history=()):
+    """Every tensor whole, so one file resumes with or without torchrun; under --shard every rank must call this.
+    best: the kept evaluation's dev loss, or with --select-by label-acc [-accuracy, dev loss] (lower is better)."""
     optimizer = opt.state_dict()  # AdamW's moments are sharded like their parameters under --shard: gather them
     optimizer["state"] = {i: {k: whole(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
     return {"step": step, "best": best, "bad": bad, "optimizer": optimizer, "settings": settings,
-            "adapter": adapter_tensors(model)}
+            "adapter": adapter_tensors(model), "history": list(history)}
 
 
 class Progress:
@@ -452,8 +463,12 @@ def train(args, on_step=None):
     dev_ex = load_task(args.dev, task)[1] if args.dev else None
     test_ex = load_task(args.test, task)[1] if args.test else None
     if dev_ex is None:
-        train_ex, dev_ex, split_test = split(train_ex, 0.1, 0.0 if test_ex or args.dev else 0.1, seed=args.seed)
+        no_split_test = test_ex or args.dev or args.no_test  # --no-test: the same train / dev parts as with --test
+        train_ex, dev_ex, split_test = split(train_ex, 0.1, 0.0 if no_split_test else 0.1, seed=args.seed)
         test_ex = test_ex if test_ex is not None else (split_test or None)
+    by_acc = args.select_by == "label-acc" and task in LABELS
+    if args.select_by == "label-acc" and not by_acc:
+        print(f"--select-by label-acc: {task} has no labels, so the best adapter is kept by dev loss", flush=True)
     if args.max_train:
         train_ex = [train_ex[i] for i in epoch_order(len(train_ex), -1, args.seed)[:args.max_train]]
     for name, part in (("train", train_ex), ("dev", dev_ex)):
@@ -509,7 +524,8 @@ def train(args, on_step=None):
     total = args.max_steps if args.max_steps is not None else \
         max(1, math.ceil(args.epochs * len(train_pairs) / per_step))
     settings = same_run_settings(args, model)  # what a resume must find unchanged; --shard: every rank gathers
-    step, best, bad = 0, float("inf"), 0
+    # best: what the kept adapter scored, lower is better (with label-acc: -accuracy, then the dev loss for ties)
+    step, best, bad, history = 0, (float("inf"), float("inf")) if by_acc else float("inf"), 0, []
     if args.resume:
         changed = {k: (v, settings.get(k)) for k, v in ck["settings"].items() if settings.get(k) != v}
         if changed:
@@ -525,6 +541,10 @@ def train(args, on_step=None):
                                     if was[n] in state}
         set_optimizer(opt, params, ck["optimizer"])
         step, best, bad = ck["step"], ck["best"], ck["bad"]
+        best, history = tuple(best) if isinstance(best, (list, tuple)) else best, ck.get("history", [])
+        if by_acc != isinstance(best, tuple):
+            raise ValueError(f"--resume: {ckpt_path} kept its best adapter by "
+                             f"{'label-acc' if isinstance(best, tuple) else 'dev-loss'}: give that --select-by")
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
 
     # the loop
@@ -541,22 +561,38 @@ def train(args, on_step=None):
         stop.append(True)
         progress.message("Ctrl-C: saving a checkpoint after this step (press again to quit at once)")
 
+    greedy = argparse.Namespace(**vars(args) | {"beam": 1})  # the dev label accuracy's decoding
+    kept_dev_texts = []  # with --select-by label-acc: the kept evaluation's dev generations
+    train_losses = []  # the steps' training losses since the last evaluation, for the history
+
     def evaluate():
-        """The dev loss; the adapter saved when it is the best yet; a checkpoint."""
+        """The dev loss (and with --select-by label-acc the dev label accuracy); the adapter saved when it is the
+        best yet; a line of history; a checkpoint."""
         nonlocal best, bad, saved
         model.eval()
         # every rank computes it (--shard: each forward needs them all) and all take rank 0's number
         loss = rank_0s(dev_loss(model, dev_pairs, args, tok.pad_id, autocast, progress.count), device)
+        acc = texts = None
+        if by_acc:
+            show = lambda what, done, total: progress.count(f"dev {what}", done, total)
+            texts = predict(model, tok, task, dev_eval, greedy, system, show)
+            kept = [(t, ex.response) for t, ex in zip(texts, dev_eval) if t is not None]  # None: too long
+            acc = rank_0s(label_first_accuracy(task, *map(list, zip(*kept))), device)
         model.train()
-        better = loss < best
-        best, bad = (loss, 0) if better else (best, bad + 1)
+        key = (-acc, loss) if by_acc else loss
+        better = key < best
+        best, bad = (key, 0) if better else (best, bad + 1)
         if better:
+            kept_dev_texts[:] = texts or []
             adapter = adapter_tensors(model)  # --shard: gathered from every rank
             if rank == 0:
                 save_adapter(model, adapter_path, tensors=adapter, digest=settings["weights"])
-        progress.message(f"step {step}: dev loss {loss:.4f}" + ("  (best: adapter saved)" if better else
-                         f"  (no better for {bad} / {args.patience})"))
-        ck = checkpoint_state(model, opt, step, best, bad, settings)  # --shard: gathered from every rank
+        history.append({"step": step, "train_loss": statistics.fmean(train_losses) if train_losses else None,
+                        "dev_loss": loss} | ({"dev_label_acc": acc} if by_acc else {}))
+        train_losses.clear()
+        progress.message(f"step {step}: dev loss {loss:.4f}" + (f", dev label acc {acc:.1f}" if by_acc else "")
+                         + ("  (best: adapter saved)" if better else f"  (no better for {bad} / {args.patience})"))
+        ck = checkpoint_state(model, opt, step, best, bad, settings, history)  # --shard: gathered from every rank
         if rank == 0:
             atomic_save(ck, ckpt_path)
         saved = step
@@ -584,6 +620,7 @@ def train(args, on_step=None):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            train_losses.append(all_ranks_sum(step_loss, device))
             progress.train_seconds += time.time() - t0
             if step % args.log_every == 0 or step == total:
                 progress.show(step - 1, all_ranks_sum(step_loss, device), lr)
@@ -594,7 +631,7 @@ def train(args, on_step=None):
             if world > 1 and all_ranks_sum(len(stop), device) and not stop:
                 stop.append(True)  # a Ctrl-C that reached any rank stops every rank after this same step
         if stop:
-            ck = checkpoint_state(model, opt, step, best, bad, settings)
+            ck = checkpoint_state(model, opt, step, best, bad, settings, history)
             if rank == 0:
                 atomic_save(ck, ckpt_path)
             saved = step
@@ -611,7 +648,8 @@ def train(args, on_step=None):
         signal.signal(signal.SIGINT, previous)
         progress.status.end()
     if bad >= args.patience:
-        progress.message(f"early stop at step {step}: dev loss did not improve for {args.patience} evaluations")
+        progress.message(f"early stop at step {step}: the dev {'label accuracy' if by_acc else 'loss'} did not "
+                         f"improve for {args.patience} evaluations")
     if world > 1:
         dist.barrier()  # rank 0 has written the best adapter
         if rank != 0 and not args.shard:
@@ -624,15 +662,24 @@ def train(args, on_step=None):
     set_adapter(model, read_adapter(adapter_path)[2])
     if args.save_format == "peft" and rank == 0:
         save_adapter(model, out / "peft", tensors=read_adapter(adapter_path)[2], format="peft")
+    best_eval = next((h for h in reversed(history) if (
+        (-h["dev_label_acc"], h["dev_loss"]) if by_acc else h["dev_loss"]) == best), None)  # None: kept before resume
     summary = {"task": task, "metric_name": METRIC[task], "adapter": str(adapter_path), "steps": step,
-               "best_dev_loss": best, "train_examples": len(train_pairs), "truncated": cut + dev_cut,
+               "best_dev_loss": best[1] if by_acc else best, "select_by": "label-acc" if by_acc else "dev-loss",
+               "best_step": best_eval and best_eval["step"], "history": history,
+               "train_examples": len(train_pairs), "truncated": cut + dev_cut,
                "skipped_too_long": skipped, "settings": {k: v for k, v in vars(args).items()},
                "adapter_config": asdict(cfg)}
+    if by_acc:
+        summary["best_dev_label_acc"] = -best[0]
     try:
         for name, part in (("dev", dev_eval), ("test", test_eval)):
             if part:
                 show = lambda what, done, total: progress.count(f"{name} {what}", done, total)
-                preds = predict(model, tok, task, part, args, system, show)
+                if name == "dev" and kept_dev_texts and args.beam == 1:
+                    preds = kept_dev_texts  # the kept evaluation generated them, greedily, with this very adapter
+                else:
+                    preds = predict(model, tok, task, part, args, system, show)
                 kept = [(ex, pred) for ex, pred in zip(part, preds) if pred is not None]  # None: too long, skipped
                 skipped[f"{name} predictions"] = len(part) - len(kept)
                 part, preds = [ex for ex, _ in kept], [pred for _, pred in kept]

@@ -1,5 +1,6 @@
 """The teaching lab: the paper's comparisons in miniature, in minutes on a CPU, and a look inside PARA.
 
+    python lab.py tune --data sst2      # each method's learning rate, chosen on the dev split
     python lab.py compare --data sst2   # Table 1: PARA vs (IA)^3, LoRA, BitFit at one parameter budget
     python lab.py ablations             # Table 6: PARADE against PARADE-1 .. PARADE-4
     python lab.py sweep                 # Figure 2: the bottleneck r
@@ -32,13 +33,14 @@ import numpy as np
 import torch
 
 import train
-from para_mini import AdapterConfig, count_parameters, load_adapter, load_model, load_tokenizer
+from para_mini import AdapterConfig, count_parameters, find_tokenizer, load_adapter, load_model, load_tokenizer
 from para_mini.cli import SEED, Parser, at_least
-from para_mini.data import LABELS, SYSTEM_PROMPT, load_task, one_per_query
-from para_mini.metrics import score
+from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query
+from para_mini.metrics import label_first, label_first_accuracy, score  # noqa: F401 (label_first: the lab's reading)
 from para_mini.model import VectorGenerator, apply_rope
+from para_mini.runs import RUN_FILES, SAME_RUN
 from para_mini.tokenizer import B_INST, B_SYS, E_SYS
-from para_mini.training import MAX_NEW_TOKENS, tokenize
+from para_mini.training import MAX_NEW_TOKENS, predict, tokenize
 
 ROOT = Path(__file__).resolve().parent
 # lab/results: the reference tables LAB.md shows (committed); a rerun writes to lab/runs/results unless told otherwise
@@ -51,12 +53,13 @@ REFERENCE, RUNS = ROOT / "lab" / "results", ROOT / "lab" / "runs"
 # train with it. BoolQ passages are cut to fit 256 tokens; the 260K model does not read them (LAB.md), so
 # its runs stay short. A model this small wants a learning rate far above the paper's. Generation stops at the
 # longest label's length (SST-2: "positive" is 6 tokens, BoolQ: "yes" and "no" are 2), because the model rarely
-# learns to emit EOS after the label (see label_first_accuracy). "quick": the classroom version, under a minute.
+# learns to emit EOS after the label (see para_mini.metrics.label_first). "quick": the classroom version, under a
+# minute. "tuned": compare wants each method's rate from `lab.py tune` (chosen on the dev split); the other tasks train
+# every method at the flags' single rate until they have a tune result.
 TASKS = {
-    "sst2": {"train": "sst2/train.tsv", "dev": None, "test": "sst2/dev.tsv",
+    "sst2": {"train": "sst2/train.tsv", "dev": None, "test": "sst2/dev.tsv", "tuned": True,
              "settings": dict(max_train=20000, max_eval=872, batch_size=16, max_steps=1400, eval_every=350, lr=1e-2,
                               max_new_tokens=6, system="", no_eos_loss=True),
-             "method": {"lora": dict(lr=3e-3), "ia3": dict(lr=2e-2)},  # each method's best rate (LAB.md)
              "quick": dict(max_steps=100, max_eval=200, eval_every=100)},
     "boolq": {"train": "boolq/train.jsonl", "dev": "boolq/dev.jsonl", "test": "boolq/test.jsonl",
               "settings": dict(max_eval=400, max_len=256, batch_size=16, max_steps=120, eval_every=40, lr=1e-2,
@@ -64,6 +67,9 @@ TASKS = {
               "quick": dict(max_steps=40, max_eval=100, eval_every=40)},
 }
 SEEDS = (0, 1, 2)
+# tune's learning rates: steps of about 3x around 1e-2, the rate the 260K model was found to learn at (LAB.md), wide
+# enough to hold the rates the first SST-2 table gave LoRA (3e-3) and (IA)^3 (2e-2) after looking at the test set
+RATES = (3e-3, 1e-2, 3e-2)
 # The size knob each method's budget is matched with: PARA's bottleneck, LoRA's rank, and for (IA)^3 and BitFit the
 # projection of the paper's Section 4.1 (their original form has a fixed size: one vector per target).
 KNOB = {"para": "r", "lora": "r", "ia3": "proj", "bitfit": "proj"}
@@ -120,46 +126,109 @@ def adapter_settings(cfg: AdapterConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------------ training runs
 
-def run_config(opts, cfg: AdapterConfig, seed: int, out: Path, extra=None) -> train.TrainConfig:
-    """One run's settings: the task's, the method's own rate, the adapter, then --quick's and those given after --,
-    then `extra` (this run's alone, e.g. its system prompt), each on top of the one before."""
+def run_config(opts, cfg: AdapterConfig, seed: int, out: Path, extra=None, lr=None, test=True,
+               select=None) -> train.TrainConfig:
+    """One run's train.py settings: the task's; then this run's: lr (its rate instead of the task's), test=False (no
+    test file: --no-test, the same train / dev split), select (--select-by), the adapter, seed and folder; then
+    --quick's and those given after --; then `extra` (this run's alone, e.g. its system prompt). Each wins over the
+    ones before."""
     t, data = TASKS[opts.data], opts.shared / "data"
-    base = train.TrainConfig(data=str(data / t["train"]), dev=t["dev"] and str(data / t["dev"]),
-                             test=str(data / t["test"]), weights=str(opts.shared / "assets" / "stories260K" / "hf"),
-                             device="cpu", beam=1, log_every=10 ** 6, overwrite=True,  # a re-run replaces it
-                             **t["settings"])
-    settings = t.get("method", {}).get(cfg.method, {}) | adapter_settings(cfg) | {"seed": seed, "out": str(out)}
-    return replace(base, **settings | opts.overrides | (extra or {}))
+    task = train.TrainConfig(data=str(data / t["train"]), dev=t["dev"] and str(data / t["dev"]),
+                             weights=str(opts.shared / "assets" / "stories260K" / "hf"), device="cpu", beam=1,
+                             log_every=10 ** 6, overwrite=True, **t["settings"])  # overwrite: a re-run replaces it
+    run = ({"test": str(data / t["test"])} if test else {"no_test": True}) | ({"lr": lr} if lr else {}) \
+        | ({"select_by": select} if select else {}) | adapter_settings(cfg) | {"seed": seed, "out": str(out)}
+    return replace(task, **run | opts.overrides | (extra or {}))
 
 
-def train_one(opts, table: str, name: str, cfg: AdapterConfig, seed: int, extra=None) -> dict:
-    """One train.py run, its output kept in lab/runs/<table>/<name>-seed<seed>/train.log; one line printed.
-    `extra`: settings of this run alone (they win over every other)."""
-    out = RUNS / table / f"{name}-seed{seed}"
+def run_name(name: str, seed: int, lr=None) -> str:
+    return f"{name}{f'-lr{lr:g}' if lr else ''}-seed{seed}"
+
+
+def train_one(opts, table: str, name: str, cfg: AdapterConfig, seed: int, extra=None, lr=None, test=True,
+              select=None, reuse=None) -> dict:
+    """One train.py run, its output kept in lab/runs/<table>/<name>[-lr<rate>]-seed<seed>/train.log; one line
+    printed. extra, lr, test, select: run_config's.
+    test=False: scored on the dev split alone. reuse: the folder of a finished run that trained exactly this run
+    (same flags but the test file): its kept adapter is scored on the test set instead of training it again."""
+    out = RUNS / table / run_name(name, seed, lr if not test else None)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    args = run_config(opts, cfg, seed, out, extra, lr, test, select)
     with open(out / "train.log", "w") as log, contextlib.redirect_stdout(log):
-        summary = train.train(run_config(opts, cfg, seed, out, extra))
+        summary = score_kept(args, reuse, out) if reuse else train.train(args)
     seconds = time.time() - t0
-    acc = label_first_accuracy(summary["task"], out / "predictions_test.jsonl")
+    row = {"seed": seed, "lr": args.lr, "best_dev_loss": summary["best_dev_loss"],
+           "best_dev_label_acc": summary.get("best_dev_label_acc"), "best_step": summary.get("best_step"),
+           "steps": summary["steps"], "seconds": round(seconds, 1), "adapter": shown(summary["adapter"]),
+           "history": compact(summary.get("history", []))}
+    dev = f"dev loss {summary['best_dev_loss']:.4f}"
+    if row["best_dev_label_acc"] is not None:
+        dev = f"dev acc {row['best_dev_label_acc']:5.1f}  {dev}"
+    if not test:
+        print(f"  {table}: {name:<12} lr {row['lr']:<6g} seed {seed}  {dev}  ({seconds:.0f} s)", flush=True)
+        return row
+    acc = file_label_accuracy(summary["task"], out / "predictions_test.jsonl")
+    how = f"the kept adapter of {shown(reuse)}, " if reuse else ""
     print(f"  {table}: {name:<12} seed {seed}  test acc {acc:5.1f} (train.py's parse "
-          f"{summary['test']['acc']:5.1f})  dev loss {summary['best_dev_loss']:.4f}  ({seconds:.0f} s)", flush=True)
-    return {"seed": seed, "test": acc, "test_strict": summary["test"]["acc"],
-            "best_dev_loss": summary["best_dev_loss"], "steps": summary["steps"], "seconds": round(seconds, 1),
-            "adapter": shown(summary["adapter"])}
+          f"{summary['test']['acc']:5.1f})  {dev}  ({how}{seconds:.0f} s)", flush=True)
+    return {"seed": seed, "test": acc, "test_strict": summary["test"]["acc"]} | row | (
+        {"reused": shown(reuse)} if reuse else {})
 
 
-def label_first(task: str, text: str):
-    """The label a generation starts with, or None. train.py's parse wants the label as a whole word; the 260K model
-    answers with the label but then runs on (its EOS logit starts near -25 and the adapters never lift it in a
-    few hundred steps), sometimes gluing a character to it ("positive8"), so the lab scores the label chosen."""
-    text = text.strip().lower()
-    return next((name for name in LABELS[task] if text.startswith(name)), None)
+def compact(history: list) -> list:
+    """A run's evaluations as [step, train loss, dev loss, dev label acc or None], rounded, for the JSON."""
+    r = lambda x, n: None if x is None else round(x, n)
+    return [[h["step"], r(h["train_loss"], 4), r(h["dev_loss"], 4), r(h.get("dev_label_acc"), 2)] for h in history]
 
 
-def label_first_accuracy(task: str, predictions_file: Path) -> float:
+def file_label_accuracy(task: str, predictions_file: Path) -> float:
+    """label_first_accuracy of a predictions_<part>.jsonl that train.py wrote."""
     rows = [json.loads(line) for line in Path(predictions_file).read_text().splitlines()]
-    return 100 * sum(label_first(task, r["prediction"]) == r["references"][0] for r in rows) / len(rows)
+    return label_first_accuracy(task, [r["prediction"] for r in rows], [r["references"][0] for r in rows])
+
+
+# What must be the same for a finished run to stand for a run about to train: every setting a resume checks, and
+# what decides the predictions. The test file and the output folder may differ.
+REUSE_SAME = SAME_RUN + ("max_new_tokens", "beam", "eval_batch_size", "skip_long", "tokenizer", "dtype",
+                               "device")
+
+
+def reusable(args, folder: Path):
+    """Why the run in `folder` did not train what `args` would (a string), or None if it did."""
+    try:
+        done = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return f"no finished run in {shown(folder)}"
+    if not (folder / "adapter.safetensors").is_file():
+        return f"no adapter in {shown(folder)}"
+    differ = [k for k in REUSE_SAME if done["settings"].get(k) != getattr(args, k)]
+    return f"{shown(folder)} was trained with other {', '.join(differ)}" if differ else None
+
+
+@torch.no_grad()
+def score_kept(args, folder: Path, out: Path) -> dict:
+    """What train.train(args) returns, for a run that `folder` already trained (reusable() says so): its kept
+    adapter's test predictions, made as train.py makes them after training, written to `out` with its summary."""
+    done = json.loads((folder / "summary.json").read_text())
+    model = load_model(args.weights)
+    tok = load_tokenizer(args.tokenizer or find_tokenizer(args.weights))
+    load_adapter(model, folder / "adapter.safetensors")
+    model.eval()
+    task = done["task"]
+    test = one_per_query(load_task(args.test, task)[1])[:args.max_eval]
+    preds = predict(model, tok, task, test, args.system, args.max_len, args.beam, args.max_new_tokens,
+                    args.eval_batch_size, args.skip_long)
+    kept = [(ex, p) for ex, p in zip(test, preds) if p is not None]  # None: too long, skipped (--skip-long)
+    for name in RUN_FILES:  # what a run trained here before: this folder now holds the reused run's scores
+        (out / name).unlink(missing_ok=True)
+    with open(out / "predictions_test.jsonl", "w") as f:
+        for ex, p in kept:
+            f.write(json.dumps({"prompt": ex.query, "prediction": p, "references": ex.references}) + "\n")
+    summary = done | {"test": score(task, [p for _, p in kept], [ex for ex, _ in kept]), "reused": str(folder)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"the run of {folder} trained what this run would: its kept adapter, scored on {len(kept)} test examples")
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------- the noise
@@ -210,7 +279,8 @@ def train_alone(opts, *job) -> dict:
 
 
 def train_many(opts, jobs: list) -> list:
-    """train_alone for each (table, name, cfg, seed, extra) in jobs, --jobs of them at a time. A model this small
+    """train_alone for each (table, name, cfg, seed, extra[, lr, test, select, reuse]) in jobs (all of one length),
+    --jobs of them at a time. A model this small
     keeps one core busy with small matrix products far better than two, so separate processes with one thread each
     finish sooner than one process with every thread; the runs are independent, and their results do not change."""
     if opts.jobs <= 1:
@@ -220,9 +290,13 @@ def train_many(opts, jobs: list) -> list:
 
 
 def run_rows(opts, table: str, rows: list) -> list:
-    """rows: (label, run name, AdapterConfig) -> each with its parameter count and the median over the seeds."""
+    """rows: (label, run name, AdapterConfig) -> each with its parameter count and the median over the seeds.
+    opts.rates: a rate per run name (else the task's); opts.select: train.py's --select-by; opts.reuse: run name ->
+    a finished run that trained its seed-0 run (see train_one)."""
     args = model_args(opts)
-    done = iter(train_many(opts, [(table, name, cfg, seed, None) for _, name, cfg in rows for seed in opts.seeds]))
+    reuse = lambda name, seed: opts.reuse.get(name) if seed == 0 else None
+    done = iter(train_many(opts, [(table, name, cfg, seed, None, opts.rates.get(name), True, opts.select,
+                                   reuse(name, seed)) for _, name, cfg in rows for seed in opts.seeds]))
     out = []
     for label, name, cfg in rows:
         runs = [next(done) for _ in opts.seeds]
@@ -236,8 +310,8 @@ def model_args(opts):
     return load_model(opts.shared / "assets" / "stories260K" / "hf").args
 
 
-def run_settings(opts):
-    return run_config(opts, AdapterConfig("para"), 0, RUNS)
+def run_settings(opts, test=True):
+    return run_config(opts, AdapterConfig("para"), 0, RUNS, test=test, select=opts.select)
 
 
 def majority_baseline(opts) -> dict:
@@ -251,34 +325,36 @@ def majority_baseline(opts) -> dict:
 
 # ----------------------------------------------------------------------------------------------- the tables
 
-def settings_line(opts) -> str:
-    a = run_settings(opts)
+def settings_line(opts, test=True) -> str:
+    """The runs' settings in one line. opts.lr_text, when set, says how each method's rate was chosen."""
+    a = run_settings(opts, test)
     system = "the paper's system prompt" if a.system == SYSTEM_PROMPT else \
         "no system prompt (the paper: its Appendix C one)" if not a.system else "system prompt given by --system"
+    kept = (f"dev loss and dev label accuracy every {a.eval_every} steps (the adapter with the best dev label "
+            "accuracy is kept, a tie to the lower dev loss)" if a.select_by == "label-acc" else
+            f"dev loss every {a.eval_every} steps (the best adapter is kept)")
+    scored = (f"test = the first {a.max_eval} test examples" if test else
+              f"dev = the first {a.max_eval} examples of a seeded 10% of the training file (never trained on), no "
+              "test file read")
+    acc = ("Test acc: the label the answer starts with; train.py's acc: the label as a whole word" if test else
+           "Dev acc: the label the answer starts with")
     return (f"{opts.data}: {a.max_train or 'all'} training examples, {a.max_steps} steps of {a.batch_size}, "
-            f"lr {a.lr:g}{lr_exceptions(opts, a.lr)} (the paper: 1e-4 on 7B), {system}, max-len {a.max_len}, dev loss "
-            f"every {a.eval_every} steps (the best adapter is kept), test = the first {a.max_eval} test examples, "
-            f"greedy decoding (the paper: beam 3) of at most {a.max_new_tokens} tokens, seeds "
-            f"{', '.join(map(str, opts.seeds))}. Test acc: the label the answer starts with; train.py's acc: the label "
-            "as a whole word")
-
-
-def lr_exceptions(opts, lr: float) -> str:
-    """The methods this task trains at a rate other than `lr`, e.g. " (LoRA: 0.003)"; flags after -- win."""
-    names = {"para": "PARA", "lora": "LoRA", "ia3": "(IA)^3", "bitfit": "BitFit"}
-    rates = {m: run_config(opts, AdapterConfig(m), 0, RUNS).lr for m in names}
-    return "".join(f" ({names[m]}: {rate:g})" for m, rate in rates.items() if rate != lr)
+            f"{opts.lr_text or f'lr {a.lr:g}'} (the paper: 1e-4 on 7B), {system}, max-len {a.max_len}, {kept}, "
+            f"{scored}, greedy decoding (the paper: beam 3) of at most {a.max_new_tokens} tokens, seeds "
+            f"{', '.join(map(str, opts.seeds))}. {acc}")
 
 
 def result_table(rows, baseline=None) -> str:
     n = baseline["examples"] if baseline else None
+    by_acc = rows and rows[0]["runs"][0].get("best_dev_label_acc") is not None  # kept by dev label accuracy
     lines = ["| method | settings | tunable parameters | test acc, median | per seed | mean [95% interval] | "
-             "train.py's acc, median | dev loss, median |", "|---|---|---|---|---|---|---|---|"]
+             "train.py's acc, median | dev loss, median |" + (" dev acc, median |" if by_acc else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if by_acc else "")]
     if baseline:
         b = f"{baseline['test']:.1f}"
         low, high = interval([baseline["test"]], n)
         lines.append(f"| majority class of train | always \"{baseline['label']}\" | 0 | {b} | | "
-                     f"{b} [{low:.1f}, {high:.1f}] | {b} | |")
+                     f"{b} [{low:.1f}, {high:.1f}] | {b} | |" + (" |" if by_acc else ""))
     for r in rows:
         accs = [x["test"] for x in r["runs"]]
         seeds = " / ".join(f"{a:.1f}" for a in accs)
@@ -288,8 +364,9 @@ def result_table(rows, baseline=None) -> str:
         if n:
             low, high = interval(accs, n)
             spread = f"{statistics.fmean(accs):.1f} [{low:.1f}, {high:.1f}]"
+        dev = f" {statistics.median(x['best_dev_label_acc'] for x in r['runs']):.1f} |" if by_acc else ""
         lines.append(f"| {r['method']} | {r['settings']} | {r['parameters']:,} | {r['median']:.1f} | {seeds} | "
-                     f"{spread} | {strict:.1f} | {loss:.4f} |")
+                     f"{spread} | {strict:.1f} | {loss:.4f} |{dev}")
     return "\n".join(lines)
 
 
@@ -327,8 +404,8 @@ def write_result(opts, name: str, title: str, wall: float, body: str, data: dict
 
 def run_table(opts, t0, name: str, title: str, rows: list, note: str, **extra):
     """Train every row, then write the table beside the majority baseline; `extra` goes into the JSON first."""
-    baseline = majority_baseline(opts)
     results = run_rows(opts, name, rows)
+    baseline = majority_baseline(opts)  # the test file is read after every run has kept its adapter
     judged = verdicts(results, baseline)
     body = result_table(results, baseline) + "\n\n" + "\n".join(f"- {line}" for line in judged)
     write_result(opts, name, title, time.time() - t0, body,
@@ -336,19 +413,109 @@ def run_table(opts, t0, name: str, title: str, rows: list, note: str, **extra):
                  f"{note}\n{settings_line(opts)}. {NOISE_NOTE}")
 
 
-def cmd_compare(opts):
-    t0 = time.time()
+def compare_rows(opts) -> tuple:
+    """(budget, rows): the comparison's five methods, each with its knob matched to the budget."""
     args = model_args(opts)
     target = opts.target or count_parameters(args, AdapterConfig("para", r=12))
-    rows = [("PARADE (capsule pooler)", "para-capsule", match_budget(args, target, "para")),
-            ("PARA (last-token pooler)", "para-last", match_budget(args, target, "para", pooler="last")),
-            ("(IA)^3, projected", "ia3", match_budget(args, target, "ia3")),
-            ("LoRA", "lora", match_budget(args, target, "lora")),
-            ("BitFit, projected", "bitfit", match_budget(args, target, "bitfit"))]
+    return target, [("PARADE (capsule pooler)", "para-capsule", match_budget(args, target, "para")),
+                    ("PARA (last-token pooler)", "para-last", match_budget(args, target, "para", pooler="last")),
+                    ("(IA)^3, projected", "ia3", match_budget(args, target, "ia3")),
+                    ("LoRA", "lora", match_budget(args, target, "lora")),
+                    ("BitFit, projected", "bitfit", match_budget(args, target, "bitfit"))]
+
+
+def tune_file(opts) -> Path:
+    """The tune result compare reads: --tune, else the one beside compare's own results (where a tune run with the
+    same --results wrote it), else the reference in lab/results."""
+    if opts.tune:
+        return Path(opts.tune)
+    name = f"tune-{opts.data}{opts.suffix}.json"
+    return next((p for p in (opts.results / name, REFERENCE / name) if p.is_file()), REFERENCE / name)
+
+
+def budget_note(target: int) -> str:
+    return f"Budget: {target:,} tunable parameters (PARA r=12's count on this model), each method's knob matched to it."
+
+
+def cmd_tune(opts):
+    """Every method of compare at every rate of RATES, seed 0, compare's steps, scored on the dev split alone: no
+    test file is given to train.py, whose --no-test keeps the same train / dev split as compare's runs."""
+    t0 = time.time()
+    target, rows = compare_rows(opts)
+    opts.select, opts.seeds = "label-acc", [0]
+    name = f"tune-{opts.data}{opts.suffix}"
+    runs = iter(train_many(opts, [(name, run, cfg, 0, None, lr, False, opts.select, None)
+                                  for _, run, cfg in rows for lr in RATES]))
+    results, chosen = [], {}
+    for label, run, cfg in rows:
+        by_rate = [next(runs) for _ in RATES]
+        # the best dev label accuracy; a tie goes to the lower dev loss, then to the smaller rate
+        best = min(by_rate, key=lambda x: (-x["best_dev_label_acc"], x["best_dev_loss"], x["lr"]))
+        chosen[run] = best["lr"]
+        results.append({"method": label, "name": run, "settings": describe(cfg), "config": cfg.__dict__,
+                        "parameters": count_parameters(model_args(opts), cfg), "lr": best["lr"], "runs": by_rate})
+    lines = ["| method | settings | tunable parameters | " + " | ".join(f"lr {lr:g}: dev acc (dev loss)" for lr in RATES)
+             + " | chosen lr |", "|---|---|---|" + "---|" * len(RATES) + "---|"]
+    for r in results:
+        cells = " | ".join(f"{x['best_dev_label_acc']:.1f} ({x['best_dev_loss']:.4f})" for x in r["runs"])
+        lines.append(f"| {r['method']} | {r['settings']} | {r['parameters']:,} | {cells} | {r['lr']:g} |")
+    opts.lr_text = f"lr {', '.join(f'{lr:g}' for lr in RATES)} for every method"
+    settings = settings_line(opts, test=False)
+    note = (f"{budget_note(target)}\n{settings}. Each method's rate: the best dev label accuracy of the kept adapter "
+            "(train.py --select-by label-acc); a tie goes to the lower dev loss, then to the smaller rate. "
+            f"`python lab.py compare --data {opts.data}{' --quick' if opts.quick else ''}` trains at these rates.")
+    write_result(opts, name, f"Each method's learning rate, chosen on the dev split ({opts.data})", time.time() - t0,
+                 "\n".join(lines), {"target": target, "rates": list(RATES), "seed": 0, "chosen": chosen,
+                                    "rows": results, "settings": settings}, note)
+
+
+def cmd_compare(opts):
+    t0 = time.time()
+    target, rows = compare_rows(opts)
+    path, names = tune_file(opts), {run: label for label, run, _ in rows}
+    if path.is_file():  # each method at its rate, chosen on dev; the best adapter kept by dev label accuracy
+        tuned = json.loads(path.read_text())
+        missing = [run for run in names if run not in tuned["chosen"]]
+        if missing:
+            raise SystemExit(f"error: {shown(path)} has no rate for {', '.join(missing)}: rerun python lab.py tune "
+                             f"--data {opts.data}{' --quick' if opts.quick else ''}")
+        opts.rates, opts.select = {run: tuned["chosen"][run] for run in names}, "label-acc"
+        opts.lr_text = (f"lr per method as `lab.py tune` chose it on the dev split ({shown(path)}): " +
+                        ", ".join(f"{names[run]} {lr:g}" for run, lr in opts.rates.items()))
+        if not opts.retrain:
+            opts.reuse = find_reusable(opts, rows, tuned)
+    elif opts.tune or TASKS[opts.data].get("tuned"):
+        raise SystemExit(f"error: no tune result at {shown(path)}: run python lab.py tune --data {opts.data}"
+                         f"{' --quick' if opts.quick else ''} first (it writes one to {shown(opts.results)}), or "
+                         "give --tune PATH")
+    else:
+        opts.lr_text = (f"lr {run_settings(opts).lr:g} for every method (no tune result at {shown(path)}: python "
+                        f"lab.py tune --data {opts.data} makes one)")
     run_table(opts, t0, f"compare-{opts.data}{opts.suffix}",
-              f"PARA against the baselines at a matched budget ({opts.data})", rows,
-              f"Budget: {target:,} tunable parameters (PARA r=12's count on this model), each method's knob matched "
-              f"to it.", target=target)
+              f"PARA against the baselines at a matched budget ({opts.data})", rows, budget_note(target),
+              target=target, tune=shown(path) if opts.rates else None, rates=opts.rates or None,
+              reused={run: shown(p) for run, p in opts.reuse.items()})
+
+
+def find_reusable(opts, rows, tuned) -> dict:
+    """run name -> the tune run that trained exactly compare's seed-0 run of it (same flags but the test file: same
+    data split, rate, steps, selection), whose kept adapter compare scores on the test set instead of training it
+    again; a method whose tune run is gone or differs is trained."""
+    if 0 not in opts.seeds:
+        return {}
+    found = {}
+    for _, run, cfg in rows:
+        folder = RUNS / tuned["name"] / run_name(run, 0, opts.rates[run])
+        args = run_config(opts, cfg, 0, folder, None, opts.rates[run], True, opts.select)
+        why = reusable(args, folder)
+        if why:
+            print(f"  {run}: seed 0 is trained ({why})")
+        else:
+            found[run] = folder
+    if found:
+        print(f"  seed 0 of {', '.join(found)}: the tune run at the chosen rate trained it; its kept adapter is "
+              "scored on the test set (--retrain trains it again)")
+    return found
 
 
 def cmd_ablations(opts):
@@ -613,8 +780,10 @@ def cmd_attention(opts):
     if missing:
         print(f"training {' and '.join(c.method for c, _ in missing)} on {opts.data} (seed 0; --para and --ia3 take "
               "your own)")
-    runs = iter(train_many(opts, [("attention" + opts.suffix, cfg.method, cfg, 0, {"system": SYSTEM_PROMPT})
-                                  for cfg, _ in missing]))
+    # (IA)^3 at 2e-2, the rate its reference maps were drawn with (LAB.md); PARADE at the task's rate
+    rate = {"para": None, "ia3": 2e-2 if opts.data == "sst2" else None}
+    runs = iter(train_many(opts, [("attention" + opts.suffix, cfg.method, cfg, 0, {"system": SYSTEM_PROMPT},
+                                   rate[cfg.method]) for cfg, _ in missing]))
     para_path, ia3_path = (Path(getattr(opts, flag)) if getattr(opts, flag) else ROOT / next(runs)["adapter"]
                            for flag in ("para", "ia3"))
     tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
@@ -697,6 +866,13 @@ def parse_args(argv=None):
     s = command("compare", "Table 1 in miniature: PARADE, PARA (last token), (IA)^3, LoRA and BitFit at matched "
                 "budgets beside the majority class, median of 3 seeds")
     s.add_argument("--target", type=at_least(1), help="parameter budget (default: PARA r=12's count, 22,220)")
+    s.add_argument("--tune", help="the tune result to read each method's rate from (default: tune-<data>[-quick].json "
+                   "in --results if there, else in lab/results)")
+    s.add_argument("--retrain", action="store_true", help="train seed 0 again even where the tune run at the chosen "
+                   "rate trained it (default: score that run's kept adapter on the test set)")
+    s = command("tune", "Each compare method's learning rate: every method at 3e-3, 1e-2 and 3e-2 (seed 0, compare's "
+                "steps), scored by label accuracy on the dev split; no test file is read", seeds=False)
+    s.add_argument("--target", type=at_least(1), help="parameter budget (default: PARA r=12's count, 22,220)")
     command("ablations", "Table 6: PARADE against PARADE-1 (last-token pooler), PARADE-2 (routing pooler), "
             "PARADE-3 (q,k,v,g,u) and PARADE-4 (q,v) at matched budgets, median of 3 seeds", data="boolq")
     s = command("sweep", "Figure 2: PARADE's bottleneck r, median of 3 seeds", data="boolq")
@@ -721,16 +897,18 @@ def parse_args(argv=None):
     # after "--": train.py flags that override the table's settings, e.g. -- --max-steps 50, checked as train.py
     # checks them, before anything trains
     opts.overrides = (TASKS[opts.data]["quick"] if opts.quick else {}) | vars(train.parser(True).parse_args(extra))
+    opts.seeds = getattr(opts, "seeds", None) or ([0] if opts.quick or opts.cmd in ("vectors", "attention", "tune")
+                                                  else list(SEEDS))
+    opts.suffix = "-quick" if opts.quick else ""
+    opts.rates, opts.select, opts.lr_text, opts.reuse = {}, None, None, {}  # compare and tune set them
+    opts.target, opts.tune, opts.retrain = (getattr(opts, k, None) for k in ("target", "tune", "retrain"))
+    # the command as the table shows it: without --results, so that a refreshed reference names the command to rerun
+    shown_argv = [a for i, a in enumerate(ours) if not (a.startswith("--results") or ours[i - 1:i] == ["--results"])]
+    opts.command = "python lab.py " + " ".join(shown_argv + (["--"] + extra if "--" in argv else []))
     try:
         run_settings(opts)
     except ValueError as e:
         train.parser().error(str(e))
-    opts.seeds = getattr(opts, "seeds", None) or ([0] if opts.quick or opts.cmd in ("vectors", "attention")
-                                                  else list(SEEDS))
-    opts.suffix = "-quick" if opts.quick else ""
-    # the command as the table shows it: without --results, so that a refreshed reference names the command to rerun
-    shown_argv = [a for i, a in enumerate(ours) if not (a.startswith("--results") or ours[i - 1:i] == ["--results"])]
-    opts.command = "python lab.py " + " ".join(shown_argv + (["--"] + extra if "--" in argv else []))
     return opts
 
 
@@ -741,7 +919,7 @@ def main(argv=None):
               file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(1)  # every number computed here, as in the runs (train_alone), with one thread
-    {"compare": cmd_compare, "ablations": cmd_ablations, "sweep": cmd_sweep, "vectors": cmd_vectors,
+    {"compare": cmd_compare, "tune": cmd_tune, "ablations": cmd_ablations, "sweep": cmd_sweep, "vectors": cmd_vectors,
      "attention": cmd_attention}[opts.cmd](opts)
 
 

@@ -7,7 +7,7 @@ accumulation and clipping, loss on the response tokens only, dev loss every --ev
 stopping, the best adapter saved atomically, a resumable checkpoint (also on Ctrl-C), then test predictions and
 the paper's metric, written as a JSON summary next to the adapter.
 
-More than one GPU: the same script under torchrun (README, "More than one GPU"); --shard splits the backbone.
+More than one GPU: the same script under torchrun (docs/distributed.md); --shard splits the backbone.
 
     torchrun --nproc_per_node 8 train.py --data boolq.jsonl --weights weights/Llama-2-7b-hf --grad-accum 8
 """
@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import signal
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -29,11 +30,11 @@ from para_mini import (AdapterConfig, add_adapter, distributed, find_tokenizer, 
 from para_mini.adapters import adapter_state, read_adapter
 from para_mini.cli import (SEED, Parser, Progress, above, add_options, at_least, between, check_options, option,
                            usable_device)
-from para_mini.data import SYSTEM_PROMPT, one_per_query
+from para_mini.data import LABELS, SYSTEM_PROMPT, one_per_query
 from para_mini.metrics import METRIC, score
 from para_mini.peft_format import peft_form_problem
-from para_mini.training import (batch_indices, collate, dev_loss, load_splits, loss_sum, lr_at, predict,
-                                tokenize)
+from para_mini.training import (batch_indices, collate, dev_loss, label_accuracy, load_splits, loss_sum, lr_at,
+                                predict, tokenize)
 
 
 @dataclass(kw_only=True)
@@ -42,6 +43,9 @@ class TrainConfig:
     data: str = option("training file (jsonl / tsv / csv / json as published)", required=True, group="data")
     dev: str = option("dev file (default: a seeded 10%% split of --data)")
     test: str = option("test file (default: a seeded 10%% split of --data when --dev is not given)")
+    no_test: bool = option("no test set and no test file read: the seeded split of --data keeps its 10%% dev part and "
+                           "trains on the rest, exactly as with --test, so settings chosen on dev never see the test "
+                           "set", False)
     task: str = option("task name; default: recognised from the file's fields")
     max_train: int = option("use only the first N training examples (after shuffling)", type=at_least(1))
     max_eval: int = option("evaluate on at most N dev / test examples", type=at_least(1))
@@ -87,7 +91,11 @@ class TrainConfig:
                              1, at_least(1))
     clip: float = option("gradient norm clipping (default 1.0)", 1.0, above(0.0))
     eval_every: int = option("dev loss every N steps (default 100)", 100, at_least(1))
-    patience: int = option("stop after N evaluations without a better dev loss (default 10)", 10, at_least(1))
+    select_by: str = option("keep the adapter of the evaluation with the lowest dev loss (default), or the highest "
+                            "dev label accuracy (the label the greedy answer starts with, on --max-eval dev examples; "
+                            "ties go to the lower dev loss). label-acc is for classification tasks; others keep dev "
+                            "loss", "dev-loss", choices=["dev-loss", "label-acc"])
+    patience: int = option("stop after N evaluations without a better dev score (default 10)", 10, at_least(1))
     seed: int = option("data order, split and initialisation (default 42)", 42, SEED)
 
     out: str = option("run directory (default: runs/<task>-<method>); a folder that already holds a run is refused "
@@ -106,6 +114,8 @@ class TrainConfig:
         check_options(self)
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        if self.no_test and self.test:
+            raise ValueError("--no-test reads no test file: leave out --test")
 
     def adapter(self) -> AdapterConfig:
         return AdapterConfig(self.method, tuple(self.targets.split(",")) if self.targets else (), r=self.r or 0,
@@ -141,7 +151,11 @@ def train(cfg: TrainConfig, on_step=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
     # data, and the run's folder
-    task, train_ex, dev_ex, test_ex = load_splits(cfg.data, cfg.dev, cfg.test, cfg.task, cfg.seed, cfg.max_train)
+    task, train_ex, dev_ex, test_ex = load_splits(cfg.data, cfg.dev, cfg.test, cfg.task, cfg.seed, cfg.max_train,
+                                                  cfg.no_test)
+    by_acc = cfg.select_by == "label-acc" and task in LABELS
+    if cfg.select_by == "label-acc" and not by_acc:
+        print(f"--select-by label-acc: {task} has no labels, so the best adapter is kept by dev loss", flush=True)
     dev_eval = one_per_query(dev_ex)[:cfg.max_eval]  # the examples as scored: one per prompt, at most --max-eval
     test_eval = one_per_query(test_ex)[:cfg.max_eval] if test_ex else None
     out = Path(cfg.out or f"runs/{task}-{cfg.method}")
@@ -186,9 +200,10 @@ def train(cfg: TrainConfig, on_step=None):
     per_step = cfg.batch_size * cfg.grad_accum
     total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * len(train_pairs) / per_step))
     settings = runs.same_run_settings(asdict(cfg), model)  # what a resume must find unchanged
-    step, best, bad = 0, float("inf"), 0
+    # best: what the kept adapter scored, lower is better (with label-acc: -accuracy, then the dev loss for ties)
+    step, best, bad, history = 0, (float("inf"), float("inf")) if by_acc else float("inf"), 0, []
     if cfg.resume:
-        step, best, bad = runs.resume(ck, ckpt_path, settings, model, opt)
+        step, best, bad, history = runs.resume(ck, ckpt_path, settings, model, opt, by_acc)
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
 
     # the loop
@@ -198,7 +213,9 @@ def train(cfg: TrainConfig, on_step=None):
     tokens_seen, train_seconds = 0, 0.0  # tokens/s counts training steps, not evaluations
     stop = []  # Ctrl-C asks to stop at the next step boundary, so the checkpoint is never half-updated
     saved = step if cfg.resume else None  # the step of the checkpoint on disk: what a Ctrl-C leaves
-    show = lambda what, done, of: progress.count(f"{what}:", done, of)  # an evaluation's progress
+    shown = lambda prefix: lambda what, done, of: progress.count(f"{prefix}{what}:", done, of)  # "dev loss: 4/8"
+    kept_dev_texts = []  # with --select-by label-acc: the kept evaluation's dev generations
+    train_losses = []  # the steps' training losses since the last evaluation, for the history
 
     def on_ctrl_c(signum, frame):
         # a second Ctrl-C quits at once, but not under torchrun: it passes a terminal's Ctrl-C on, so each rank gets
@@ -210,27 +227,38 @@ def train(cfg: TrainConfig, on_step=None):
 
     def save_checkpoint():
         nonlocal saved
-        ck = runs.checkpoint_state(model, opt, step, best, bad, settings)  # --shard: gathered from every rank
+        ck = runs.checkpoint_state(model, opt, step, best, bad, settings, history)  # --shard: from every rank
         if rank == 0:
             runs.atomic_save(ck, ckpt_path)
         saved = step
 
     def evaluate():
-        """The dev loss; the adapter saved when it is the best yet; a checkpoint."""
+        """The dev loss (and with --select-by label-acc the dev label accuracy); the adapter saved when it is the
+        best yet; a line of history; a checkpoint."""
         nonlocal best, bad
         model.eval()
-        # every rank computes it (--shard: each forward needs them all) and all take rank 0's number
+        # every rank computes them (--shard: each forward needs them all) and all take rank 0's numbers
         loss = distributed.rank_0s(dev_loss(model, dev_pairs, tok.pad_id, device, autocast, cfg.eval_batch_size,
-                                            show), device)
+                                            shown("")), device)
+        acc = texts = None
+        if by_acc:  # the dev examples' greedy answers, scored by the label each starts with
+            acc, texts = label_accuracy(model, tok, task, dev_eval, cfg.system, cfg.max_len, cfg.max_new_tokens,
+                                        cfg.eval_batch_size, cfg.skip_long, shown("dev "))
+            acc = distributed.rank_0s(acc, device)
         model.train()
-        better = loss < best
-        best, bad = (loss, 0) if better else (best, bad + 1)
+        key = (-acc, loss) if by_acc else loss
+        better = key < best
+        best, bad = (key, 0) if better else (best, bad + 1)
         if better:
+            kept_dev_texts[:] = texts or []
             adapter = runs.adapter_tensors(model)  # --shard: gathered from every rank
             if rank == 0:
                 save_adapter(model, adapter_path, tensors=adapter, digest=settings["weights"])
-        progress.print(f"step {step}: dev loss {loss:.4f}" + ("  (best: adapter saved)" if better else
-                       f"  (no better for {bad} / {cfg.patience})"))
+        history.append({"step": step, "train_loss": statistics.fmean(train_losses) if train_losses else None,
+                        "dev_loss": loss} | ({"dev_label_acc": acc} if by_acc else {}))
+        train_losses.clear()
+        progress.print(f"step {step}: dev loss {loss:.4f}" + (f", dev label acc {acc:.1f}" if by_acc else "")
+                       + ("  (best: adapter saved)" if better else f"  (no better for {bad} / {cfg.patience})"))
         save_checkpoint()
 
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
@@ -257,8 +285,9 @@ def train(cfg: TrainConfig, on_step=None):
             opt.zero_grad(set_to_none=True)
             step += 1
             train_seconds += time.time() - t0
+            step_loss = distributed.all_ranks_sum(step_loss, device)  # every rank's micro-batches: the step's loss
+            train_losses.append(step_loss)
             if step % cfg.log_every == 0 or step == total:
-                step_loss = distributed.all_ranks_sum(step_loss, device)
                 progress.count("step", step, total, f"loss {step_loss:.4f}  lr {lr:.2e}  "
                                f"{tokens_seen / max(train_seconds, 1e-9):,.0f} tok/s", keep=True)
             if step % cfg.eval_every == 0 or step == total:
@@ -281,7 +310,8 @@ def train(cfg: TrainConfig, on_step=None):
         signal.signal(signal.SIGINT, previous)
         progress.end()
     if bad >= cfg.patience:
-        progress.print(f"early stop at step {step}: dev loss did not improve for {cfg.patience} evaluations")
+        progress.print(f"early stop at step {step}: the dev {'label accuracy' if by_acc else 'loss'} did not "
+                       f"improve for {cfg.patience} evaluations")
     distributed.barrier()  # rank 0 has written the best adapter
     if rank != 0 and not cfg.shard:
         return None  # DDP: rank 0 alone evaluates
@@ -293,15 +323,24 @@ def train(cfg: TrainConfig, on_step=None):
     runs.set_adapter(model, read_adapter(adapter_path)[2])
     if cfg.save_format == "peft" and rank == 0:
         save_adapter(model, out / "peft", tensors=read_adapter(adapter_path)[2], format="peft")
+    best_eval = next((h for h in reversed(history) if (
+        (-h["dev_label_acc"], h["dev_loss"]) if by_acc else h["dev_loss"]) == best), None)  # None: kept before resume
     summary = {"task": task, "metric_name": METRIC[task], "adapter": str(adapter_path), "steps": step,
-               "best_dev_loss": best, "train_examples": len(train_pairs), "truncated": cut + dev_cut,
-               "skipped_too_long": skipped, "settings": asdict(cfg), "adapter_config": asdict(adapter_cfg)}
+               "best_dev_loss": best[1] if by_acc else best, "select_by": "label-acc" if by_acc else "dev-loss",
+               "best_step": best_eval and best_eval["step"], "history": history,
+               "train_examples": len(train_pairs), "truncated": cut + dev_cut, "skipped_too_long": skipped,
+               "settings": asdict(cfg), "adapter_config": asdict(adapter_cfg)}
+    if by_acc:
+        summary["best_dev_label_acc"] = -best[0]
     try:
         for name, part in (("dev", dev_eval), ("test", test_eval)):
             if not part:
                 continue
-            preds = predict(model, tok, task, part, cfg.system, cfg.max_len, cfg.beam, cfg.max_new_tokens,
-                            cfg.eval_batch_size, cfg.skip_long, lambda what, done, of: show(f"{name} {what}", done, of))
+            if name == "dev" and kept_dev_texts and cfg.beam == 1:
+                preds = kept_dev_texts  # the kept evaluation generated them, greedily, with this very adapter
+            else:
+                preds = predict(model, tok, task, part, cfg.system, cfg.max_len, cfg.beam, cfg.max_new_tokens,
+                                cfg.eval_batch_size, cfg.skip_long, shown(f"{name} "))
             kept = [(ex, pred) for ex, pred in zip(part, preds) if pred is not None]  # None: too long, skipped
             skipped[f"{name} predictions"] = len(part) - len(kept)
             summary[name] = score(task, [pred for _, pred in kept], [ex for ex, _ in kept])

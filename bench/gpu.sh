@@ -25,12 +25,12 @@
 #                     forward, to list SDPA's backend for each shape; the versions are in env.json within seconds
 #   (b) test_fast     cap  35 s   est. 15-25 s  (12 tests, 6 on CUDA, tiny model, a CUDA graph each)
 #   (c) bench         cap 275 s   est. ~250 s:
-#       bench.py times each row as 1 warm-up + 3 timed calls of 1 token (ttft) and as many of 32 tokens: 8 calls.
+#       decode.py times each row as 1 warm-up + 3 timed calls of 1 token (ttft) and as many of 32 tokens: 8 calls.
 #       HF rows, 32 / tokens-per-s per 32-token call, x 4, plus 4 prefills:
 #         base b1 4 x 1.11 s = 4.4 s, beam 3 4 x 1.26 = 5.1, batch 8 4 x 256/207 = 5.0, (IA)^3 4 x 1.65 = 6.6
 #         and 4 x 1.63 = 6.5, LoRA 4 x 2.48 = 9.9 and 4 x 2.58 = 10.3: ~48 s, ~50 s with the prefills; PEFT with
 #         its adapters in bf16 too (autocast_adapter_dtype=False), (IA)^3 and LoRA at batch 1, beam 1: ~17 s;
-#         PEFT batch 8 mixing 8 adapters (bench.py mixes 8, the reference 4): 22.8 tokens/s with 4 is 350 ms a
+#         PEFT batch 8 mixing 8 adapters (decode.py mixes 8, the reference 4): 22.8 tokens/s with 4 is 350 ms a
 #         step against base's 39 ms, ~78 ms per adapter, so ~39 + 8 x 78 = 660 ms a step, ~21 s a call: 4 calls
 #         = ~85 s. With --max-timed-s 30 that row times 1 call after its warm-up (30 // 21 = 1): ~45 s.
 #         HF in all: ~112 s (~150 s without --max-timed-s).
@@ -69,7 +69,7 @@ if [ "${GPU_SH_CPU:-0}" = 1 ]; then  # rehearsal: the tiny shape on the CPU, in 
     SHAPE=(--shape tiny --device cpu)
     ENV=("${SHAPE[@]}" --dtype bf16)
     BENCH=("${SHAPE[@]}" --quick --dtype bf16)
-    TRAIN=("${SHAPE[@]}" --steps 1)  # bench_train runs bf16 by default
+    TRAIN=("${SHAPE[@]}" --steps 1)  # train_step.py runs bf16 by default
     PROFILE=("${SHAPE[@]}" --dtype bf16)
 else  # the 7B shape in bf16 is each module's default on CUDA
     DEVICE=cuda
@@ -92,16 +92,16 @@ step() {  # step NAME CAP_SECONDS COMMAND...: run it under its cap, note its exi
 # each module prints its JSON and writes it to --out too: stdout is dropped to keep the log short
 echo "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo 'unknown (pass COMMIT=...)')}"
 step env 60 bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi -L
-    exec "$0" -m para_mini.bench_env "$@" --out "$OUT/env.json" >/dev/null' "$PY" "${ENV[@]}"
+    exec "$0" bench/env.py "$@" --out "$OUT/env.json" >/dev/null' "$PY" "${ENV[@]}"
 step test_fast 35 "$PY" -m pytest -q tests/test_fast.py
-step bench 275 bash -c 'exec "$0" -m para_mini.bench "$@" --max-timed-s 30 --out "$OUT/gpu_7b.json" >/dev/null' \
+step bench 275 bash -c 'exec "$0" bench/decode.py "$@" --max-timed-s 30 --out "$OUT/gpu_7b.json" >/dev/null' \
     "$PY" "${BENCH[@]}"
-step train_8x512 50 bash -c 'exec "$0" -m para_mini.bench_train "$@" --grad-checkpointing \
+step train_8x512 50 bash -c 'exec "$0" bench/train_step.py "$@" --grad-checkpointing \
     --out "$OUT/train_8x512.json" >/dev/null' "$PY" "${TRAIN[@]}"
-step train_4x2048 50 bash -c 'exec "$0" -m para_mini.bench_train "$@" --grad-checkpointing --batch 4 --seq 2048 \
+step train_4x2048 50 bash -c 'exec "$0" bench/train_step.py "$@" --grad-checkpointing --batch 4 --seq 2048 \
     --out "$OUT/train_4x2048.json" >/dev/null' "$PY" "${TRAIN[@]}"
-# TEARDOWN_CUPTI=0: CUPTI stays up from one profiled case to the next (bench_profile sets it too, when run alone)
-step profile 60 env TEARDOWN_CUPTI=0 bash -c 'exec "$0" -m para_mini.bench_profile "$@" \
+# TEARDOWN_CUPTI=0: CUPTI stays up from one profiled case to the next (profile_decode.py sets it too, run alone)
+step profile 60 env TEARDOWN_CUPTI=0 bash -c 'exec "$0" bench/profile_decode.py "$@" \
     --out "$OUT/profile_7b.json" >/dev/null' "$PY" "${PROFILE[@]}"
 # (g) whatever time is left, up to DEADLINE (560 s) from the start: the fast path torch.compile'd before its CUDA
 # graph (its small kernels fused), for base and PARA at batch 1, beam 1 only (one compilation each), eager beside them
@@ -109,7 +109,8 @@ step profile 60 env TEARDOWN_CUPTI=0 bash -c 'exec "$0" -m para_mini.bench_profi
 # its cap keeps the ones it measured.
 DEADLINE=${GPU_SH_DEADLINE:-560}  # lower it when less than ~10 minutes are left for the whole command
 MISSING=$(timeout 60 "$PY" -c 'import sys, torch
-from para_mini.bench import compile_missing
+sys.path.insert(0, "bench")
+from decode import compile_missing
 print(compile_missing(torch.device(sys.argv[1])) or "")' "$DEVICE" 2>&1 | tail -1)
 LEFT=$((DEADLINE - SECONDS))
 FIT=$(( (LEFT - 30) / 120 ))  # ~30 s: the start, the eager rows, the floor; then <= 120 s a compiled row (estimate)
@@ -120,7 +121,7 @@ if [ -n "$MISSING" ]; then
 elif [ $LEFT -ge 60 ]; then
     echo "=== compile: $LEFT s left of $DEADLINE; 2 compiled rows to run (base, then PARA), each one compilation of" \
         "the whole step, taken as <= 120 s with its timing (not measured yet): $FIT of the 2 fit by that estimate"
-    step compile $LEFT bash -c 'exec "$0" -m para_mini.bench "$@" --compile --no-hf --methods base,para --beams 1 \
+    step compile $LEFT bash -c 'exec "$0" bench/decode.py "$@" --compile --no-hf --methods base,para --beams 1 \
         --mixed none --out "$OUT/gpu_7b_compile.json" >/dev/null' "$PY" "${BENCH[@]}"
 else
     echo "=== step compile skipped: $LEFT s left of $DEADLINE, under the 60 s it needs at the least"

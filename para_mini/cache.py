@@ -28,19 +28,36 @@ class KVCache:
         if pad is not None:
             self.pad[:n] = pad
 
+    def prepare(self, B: int, T: int, pad: Optional[torch.Tensor], prefill: bool):
+        """Before a forward of T tokens in each of B rows -> (the positions they are written at [T], the position
+        attention reads up to (None: the whole buffer), each row's left padding [B] (None: none))."""
+        if prefill:
+            self.start(pad, B)
+        self.input_pos = self.pos + torch.arange(T, device=self.pos.device)
+        self.end = None if self.static else self.n + T
+        return self.input_pos, self.end, self.pad[:B] if self.static or self.padded else None
+
+    def advance(self, T: int):
+        self.pos += T
+        if not self.static:  # a static step is counted by its caller: a replayed graph runs no Python
+            self.n += T
+
     def update(self, layer: int, k, v):
         """Write k, v [n, n_kv_heads, T, head_dim] of the first n rows at this forward's positions -> the keys and
         values up to position `end` (None: the whole buffer, every shape fixed)."""
-        n = k.shape[0]
-        self.k[layer, :n].index_copy_(2, self.input_pos, k)
-        self.v[layer, :n].index_copy_(2, self.input_pos, v)
-        return self.k[layer, :n, :, :self.end], self.v[layer, :n, :, :self.end]
+        ck, cv = self.k[layer], self.v[layer]
+        if k.shape[0] < ck.shape[0]:  # beam search's prefill: one row per request
+            ck, cv = ck[:k.shape[0]], cv[:k.shape[0]]
+        ck.index_copy_(2, self.input_pos, k)
+        cv.index_copy_(2, self.input_pos, v)
+        return (ck, cv) if self.end is None else (ck[:, :, :self.end], cv[:, :, :self.end])
 
     def reorder(self, src):
         """Row i takes row src[i]'s contents (beam search: after the prefill, each request's row is copied to its
-        beams), in place where every row is there already: a captured step goes on reading the same memory."""
+        beams). Eagerly the cache simply takes the reordered copies; in the static mode they are copied back in place,
+        because a captured step goes on reading the same memory."""
         def move(t, dim=0):
             rows = t.index_select(dim, src)
-            return t.copy_(rows) if t.shape[dim] == len(src) else rows
-        move(self.k, 1), move(self.v, 1), move(self.pad)
+            return t.copy_(rows) if self.static else rows
+        self.k, self.v, self.pad = move(self.k, 1), move(self.v, 1), move(self.pad)
         self.l = [{site: move(t) for site, t in l.items()} for l in self.l]

@@ -56,7 +56,7 @@ INSTALL = ("python -m para_mini.equivalence compares para_mini with Hugging Face
 # PARA's vector generator transcribed from the paper one prompt at a time, as independent of model.py as it can be:
 # Eq. (6) for the projections, Eq. (7)-(10) for the capsule pooler with the squash exactly as the paper writes it.
 
-def gelu(x):  # the exact (erf) GeLU, DESIGN decision 5
+def gelu(x):  # the exact (erf) GeLU, docs/design.md decision 5
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
 
 
@@ -100,8 +100,9 @@ def vg_reference(h_prompt, t, prefix, cfg, args):
 
 def hf_with_para_hooks(hf, tensors, cfg, prompt_lens, pad=None):
     """Hugging Face's LlamaForCausalLM with PARA applied through forward hooks: in every layer, the vectors of each
-    row's prompt (prompt_lens[b] tokens after pad[b] of left padding) from the attention RMSNorm's output (DESIGN
-    1), scaling the targets' outputs (Eq. 4, 5). Computed afresh at every forward: no cache. -> the hooks' handles."""
+    row's prompt (prompt_lens[b] tokens after pad[b] of left padding) from the attention RMSNorm's output
+    (docs/design.md decision 1), scaling the targets' outputs (Eq. 4, 5). Computed afresh at every forward: no
+    cache. -> the hooks' handles."""
     c = hf.config
     args = ModelArgs(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
                      n_kv_heads=c.num_key_value_heads, vocab_size=c.vocab_size, hidden_dim=c.intermediate_size)

@@ -143,8 +143,9 @@ def generate(model: Transformer, requests: list, eos_id: Optional[int] = None, t
             alive = list(range(len(batch)))  # the rows (requests) still generating
             tokens = torch.zeros(len(batch), dtype=torch.long, device=device)  # finished rows: token 0, ignored
             while True:
-                rows = torch.tensor(alive, device=device)
-                live = logits if len(alive) == len(batch) else logits.index_select(0, rows)
+                everyone = len(alive) == len(batch)
+                rows = None if everyone else torch.tensor(alive, device=device)
+                live = logits if everyone else logits.index_select(0, rows)
                 picked = pick(live, temperature, top_k, top_p, [generators[b] for b in alive])
                 keep = []
                 for b, t in zip(alive, picked.tolist()):
@@ -161,7 +162,10 @@ def generate(model: Transformer, requests: list, eos_id: Optional[int] = None, t
                         keep.append(b)
                 if not keep:
                     return results
-                tokens.index_copy_(0, rows, picked)
+                if everyone:
+                    tokens = picked
+                else:  # finished rows keep decoding their last token, ignored
+                    tokens.index_copy_(0, rows, picked)
                 alive = keep
                 logits = next_logits(model, cache, step, tokens)
 
@@ -241,7 +245,8 @@ def beam_search(model: Transformer, requests: list, beam: int = 3, length_penalt
                     still.append(b)
                 if not still:
                     break
-                cache.reorder(torch.tensor(src, device=device))  # hypotheses move with their keys and values
+                if src != list(range(B * W)):  # hypotheses move with their keys and values
+                    cache.reorder(torch.tensor(src, device=device))
                 logits = next_logits(model, cache, step, torch.tensor(tokens, device=device))
                 logp, alive, n = logits.log_softmax(-1), still, n + 1
 

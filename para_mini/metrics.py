@@ -158,3 +158,21 @@ def score(task: str, predictions: list[str], examples: list[Example]) -> dict:
     if task == "wikisql":
         return {"acc": 100 * sum(execution_match(p, ex.response, ex.table) for p, ex in pairs) / len(pairs)}
     return {"rouge-l": 100 * sum(rouge_l(p, ex.references) for p, ex in pairs) / len(pairs)}
+
+
+# The label a generation starts with: what the lab's tables report, and what train.py --select-by label-acc keeps the
+# best adapter by. score()'s parse wants the label as a whole word; a small model answers with the label but then runs
+# on (the 260K model's EOS logit starts near -25 and the adapters never lift it in a few hundred steps), sometimes
+# gluing a character to it ("positive8"), so this reads the label it chose.
+def label_first(task: str, text: str) -> str | None:
+    text = text.strip().lower()
+    return next((name for name in LABELS[task] if text.startswith(name)), None)
+
+
+def label_first_accuracy(task: str, predictions: list[str], golds: list[str]) -> float:
+    """Percent of generations whose first label is the gold one (golds: the label names)."""
+    if task not in LABELS:
+        raise ValueError(f"{task} has no labels to read a generation's first label from")
+    if len(predictions) != len(golds) or not golds:
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} labels")
+    return 100 * accuracy([label_first(task, p) for p in predictions], golds)

@@ -110,7 +110,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, n_heads, T, head_dim]
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, n_kv_heads, T, head_dim]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # PARA scales Q before RoPE (README, decision 6)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # PARA scales Q before RoPE (docs/design.md decision 6)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, n_kv_heads, cached positions, head_dim]
         if T == 1 and mask is not None and self.n_kv_heads != self.n_heads:
@@ -173,7 +173,7 @@ class VectorGenerator(nn.Module):
             self.pool = CapsulePooler(cfg.r, cfg.K, attentional=cfg.pooler == "capsule")
 
     def forward(self, h, mask):
-        # h: the attention RMSNorm output [B, T, dim] (README, decision 1); mask: [B, T] True at prompt tokens.
+        # h: the attention RMSNorm output [B, T, dim] (docs/design.md decision 1); mask: [B, T] True at prompt tokens.
         # Written so that the weights may also carry a leading batch axis, one per row (serving.py stacks them).
         W_down, W_up, b_up = self.down.weight, self.up.weight, self.up.bias
         h_prime = h.to(W_down.dtype) @ W_down.mT  # Eq. (6): h' = h W_down                         [B, T, r]
@@ -214,7 +214,7 @@ class CapsulePooler(nn.Module):
         else:
             logits = h_prime.new_zeros(h_prime.shape[0], m.shape[1], h_prime.shape[1])
         c = self.capsules(logits, m, mask)
-        logits = logits + (m @ c[..., None]).squeeze(-1)  # Eq. (10): m_jk += c_k . m_{j->k} (README, decision 2)
+        logits = logits + (m @ c[..., None]).squeeze(-1)  # Eq. (10): m_jk += c_k . m_{j->k} (docs/design.md decision 2)
         c = self.capsules(logits, m, mask)
         return c.flatten(1)  # [c_1, ..., c_K] concatenated: [B, r]
 
@@ -276,13 +276,8 @@ class Transformer(nn.Module):
         prefill = cache is None or (not static and cache.n == 0)
         if cache is None:
             input_pos, end = torch.arange(T, device=tokens.device), T
-        else:
-            if prefill:
-                cache.start(pad, B)
-            input_pos = cache.pos + torch.arange(T, device=tokens.device)  # where these tokens go in the buffer
-            end = None if static else cache.n + T
-            pad = cache.pad[:B] if static or cache.padded else None
-            cache.input_pos, cache.end = input_pos, end
+        else:  # where these tokens go in the buffer, how far attention reads it, each row's left padding
+            input_pos, end, pad = cache.prepare(B, T, pad, prefill)
         # a mask where keys must be hidden: a static step's unwritten positions, or a chunk of several new tokens
         masked = static or not (prefill or T == 1)
         cos, sin, mask = self.positions(input_pos, pad, cache.k.shape[3] if static else end, masked)
@@ -294,9 +289,7 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, prompt_mask, cache, i)
         if cache is not None:
-            cache.pos += T
-            if not static:  # a static step is counted by its caller: a replayed graph runs no Python
-                cache.n += T
+            cache.advance(T)
         if logits_at is not None:  # select before the norm: it is per position, so the result is the same
             h = h[logits_at] if isinstance(logits_at, torch.Tensor) else h[:, logits_at]
         return self.output(self.norm(h))

@@ -17,7 +17,7 @@ RUN_FILES = ("adapter.safetensors", "checkpoint.pt", "summary.json", "prediction
 # The settings a resumed run must share with the interrupted one, or it would not continue the same run.
 SAME_RUN = ("data", "dev", "task", "max_train", "max_eval", "max_len", "system", "no_eos_loss", "weights", "method",
             "targets", "r", "pooler", "K", "lora_alpha", "proj", "lr", "weight_decay", "warmup", "epochs", "max_steps",
-            "batch_size", "grad_accum", "clip", "eval_every", "patience", "seed")
+            "batch_size", "grad_accum", "clip", "eval_every", "patience", "seed", "select_by")
 
 
 def check_files(files: dict, weights):
@@ -91,12 +91,13 @@ def set_adapter(model, tensors):
             p.copy_(like(p, tensors[name]))
 
 
-def checkpoint_state(model, opt, step, best, bad, settings):
-    """Every tensor whole, so one file resumes with or without torchrun; under --shard every rank must call this."""
+def checkpoint_state(model, opt, step, best, bad, settings, history=()):
+    """Every tensor whole, so one file resumes with or without torchrun; under --shard every rank must call this.
+    best: the kept evaluation's dev loss, or with --select-by label-acc [-accuracy, dev loss] (lower is better)."""
     optimizer = opt.state_dict()  # AdamW's moments are sharded like their parameters under --shard: gather them
     optimizer["state"] = {i: {k: whole(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
     return {"step": step, "best": best, "bad": bad, "optimizer": optimizer, "settings": settings,
-            "adapter": adapter_tensors(model)}
+            "adapter": adapter_tensors(model), "history": list(history)}
 
 
 def read_checkpoint(path):
@@ -114,9 +115,10 @@ def read_checkpoint(path):
     return ck
 
 
-def resume(ck, path, settings, model, opt):
+def resume(ck, path, settings, model, opt, by_acc):
     """Put checkpoint ck (read from path) into the model's adapter and the optimizer, once its settings are this
-    run's -> (step, best dev loss, evaluations without a better one)."""
+    run's -> (step, best, evaluations without a better one, the evaluations' history). by_acc: this run keeps its
+    best adapter by dev label accuracy, so best is (-accuracy, dev loss)."""
     changed = {k: (v, settings.get(k)) for k, v in ck["settings"].items() if settings.get(k) != v}
     if changed:
         raise ValueError(f"--resume: {path} was written with other settings (was, now; files and the base weights "
@@ -133,4 +135,8 @@ def resume(ck, path, settings, model, opt):
     for i, s in ck["optimizer"]["state"].items():  # under --shard each rank keeps its rows of each moment
         s.update({k: like(params[i], v) for k, v in s.items() if k != "step"})  # the step count is one number
     opt.load_state_dict(ck["optimizer"])
-    return ck["step"], ck["best"], ck["bad"]
+    best = tuple(ck["best"]) if isinstance(ck["best"], (list, tuple)) else ck["best"]
+    if by_acc != isinstance(best, tuple):
+        raise ValueError(f"--resume: {path} kept its best adapter by "
+                         f"{'label-acc' if isinstance(best, tuple) else 'dev-loss'}: give that --select-by")
+    return ck["step"], best, ck["bad"], ck.get("history", [])

@@ -7,22 +7,24 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .data import one_per_query, split, load_task, truncate
+from .data import load_task, split, truncate
 from .generation import generate_texts
+from .metrics import label_first_accuracy
 
 # How much each task may generate at evaluation: labels are a word or two, the rest are free text.
 MAX_NEW_TOKENS = {"gsm8k": 256, "e2e": 96, "wikisql": 96, "alpaca": 256, "generic": 128, "squad": 32,
                   "record": 32}
 
 
-def load_splits(data, dev, test, task, seed, max_train=None):
+def load_splits(data, dev, test, task, seed, max_train=None, no_test=False):
     """-> (task, train, dev, test examples): the files given, a seeded 10% of `data` as the dev set without `dev`,
-    and another 10% as the test set when neither `dev` nor `test` is given (test is None when there is none)."""
+    and another 10% as the test set when neither `dev` nor `test` is given, nor no_test (which splits `data` exactly
+    as with a `test` file, and reads none); test is None when there is none."""
     task, train_ex = load_task(data, task)
     dev_ex = load_task(dev, task)[1] if dev else None
     test_ex = load_task(test, task)[1] if test else None
     if dev_ex is None:
-        train_ex, dev_ex, split_test = split(train_ex, 0.1, 0.0 if test_ex or dev else 0.1, seed=seed)
+        train_ex, dev_ex, split_test = split(train_ex, 0.1, 0.0 if test_ex or dev or no_test else 0.1, seed=seed)
         test_ex = test_ex if test_ex is not None else (split_test or None)
     if max_train:
         train_ex = [train_ex[i] for i in epoch_order(len(train_ex), -1, seed)[:max_train]]
@@ -138,3 +140,12 @@ def predict(model, tok, task, examples, system, max_len, beam, max_new_tokens=No
             show("predictions", len(texts), len(prompts))
     texts = iter(texts)
     return [None if i in skipped else next(texts) for i in range(len(examples))]
+
+
+def label_accuracy(model, tok, task, examples, system, max_len, max_new_tokens=None, batch_size=16, skip_long=False,
+                   show=None):
+    """Greedy answers to labelled examples and the percent whose first label is the gold one (metrics.label_first)
+    -> (accuracy, the answers: None for an example too long to fit, left out with skip_long)."""
+    texts = predict(model, tok, task, examples, system, max_len, 1, max_new_tokens, batch_size, skip_long, show)
+    kept = [(t, ex.response) for t, ex in zip(texts, examples) if t is not None]
+    return label_first_accuracy(task, *map(list, zip(*kept))), texts

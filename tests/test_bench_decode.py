@@ -1,16 +1,25 @@
-# The decoding benchmark (para_mini/bench.py) and its environment step (bench_env.py) on the CPU: every row starts
+# The decoding benchmark (bench/decode.py) and its environment step (bench/env.py) on the CPU: every row starts
 # with what earlier rows left freed, the ratios say what they compare, the roofline and the GPU table do their
-# arithmetic, the compile check names what is missing, and the attention probe sees every shape of both sides.
+# arithmetic, the compile check names what is missing, the attention probe sees every shape of both sides, and the
+# command runs the methods and settings asked for and prints JSON with the documented keys.
 import gc
+import json
+import subprocess
+import sys
+import time
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 
-import para_mini.bench as bench
-from para_mini.bench import (SHAPES, bench_ours, compile_missing, gpu_specs, random_model, ratios, roofline,
-                             targets)
 from para_mini.generation import Request, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the benchmark scripts, outside the package, as they import each other
+import decode as bench  # noqa: E402
+from decode import (SHAPES, bench_ours, compile_missing, gpu_specs, random_model, ratios, roofline,  # noqa: E402
+                    targets)
 
 CPU = torch.device("cpu")
 
@@ -55,7 +64,7 @@ def test_the_fast_decoding_state_is_freed_as_soon_as_the_model_lets_go_of_it(no_
 
 def test_the_fast_steps_attention_reads_a_key_length_that_is_a_multiple_of_16():
     # kernels want aligned key lengths: an additive mask of 306 columns is padded (copied) at every layer's call
-    from para_mini.bench_env import SDPAChoices
+    from env import SDPAChoices
     model = random_model(SHAPES["tiny"], torch.float32, CPU)
     choices = SDPAChoices()
     choices.case = ("para-mini", "fast")
@@ -115,10 +124,9 @@ def test_compile_missing_names_what_torch_compile_lacks(monkeypatch, tmp_path):
 
 
 def test_the_environment_step_lists_the_attention_backend_of_each_shape_of_both_sides(tmp_path, capsys):
-    from para_mini.bench_env import main
+    from env import main
     report = main(["--shape", "tiny", "--device", "cpu", "--prompt-len", "20", "--new-tokens", "4",
                    "--train-len", "32", "--out", str(tmp_path / "env.json")])
-    import json
     assert report == json.loads((tmp_path / "env.json").read_text()) and report["complete"] is True
     assert {"python", "torch", "cuda", "cudnn"} <= set(report["versions"])
     assert report["compile"]["ready"] == (report["compile"]["missing"] is None)
@@ -137,3 +145,56 @@ def test_the_environment_step_lists_the_attention_backend_of_each_shape_of_both_
             low, high = e["kv_len"]
             assert 21 <= low <= high and (low == high or e["path"] == "eager")  # the fast step's cache is static
     torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default again, for the tests that follow
+
+
+def test_the_bench_runs_on_cpu_both_paths_and_prints_json_with_the_documented_keys_and_targets(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/decode.py", "--shape", "tiny", "--device", "cpu", "--quick",
+                           "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report == json.loads((tmp_path / "bench.json").read_text())
+    assert {"shape", "device", "settings", "definitions", "results", "ratios", "floor_tokens_per_s", "targets",
+            "cpu_rss_peak_mib", "notes"} <= set(report)
+    ours = [(r["path"], r["method"], r["batch"], r["beam"]) for r in report["results"] if r["impl"] == "para-mini"]
+    assert sorted(ours) == sorted((p, m, b, k) for p in ("eager", "fast") for m in ("base", "para", "ia3", "lora")
+                                  for b, k in [(1, 1), (1, 3), (4, 1)])
+    assert sorted({t["target"] for t in report["targets"]}) == [1, 2, 3, 4, 5]
+    assert all(set(t) == {"target", "what", "ratio", "goal", "met"} for t in report["targets"])
+    for r in report["results"]:
+        # ttft and total are medians of separate runs: under load either may come out larger, so no order is asserted
+        assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["total_s"] > 0
+        assert set(r) >= {"impl", "path", "method", "batch", "beam", "tokens_per_s", "ttft_s", "peak_mem_mib"}
+    assert report["floor_tokens_per_s"] is None and report["cpu_rss_peak_mib"] > 0  # CUDA only; CPU: the RSS
+    assert report["complete"] is True and report["dtype"] == "float32"  # CPU's default
+    assert all(r["timed_calls"] == {"ttft": 1, "total": 1} for r in report["results"])  # --quick: one timed run
+
+
+def test_the_bench_runs_only_the_methods_and_settings_asked_for(tmp_path):
+    # a GPU run with little time left measures only the rows it needs, e.g. the compiled fast path at batch 1
+    proc = subprocess.run([sys.executable, "bench/decode.py", "--shape", "tiny", "--device", "cpu", "--quick",
+                           "--no-hf", "--methods", "base,para", "--beams", "1", "--mixed", "none"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    rows = sorted((r["path"], r["method"], r["batch"], r["beam"]) for r in report["results"])
+    assert rows == sorted((p, m, 1, 1) for p in ("eager", "fast") for m in ("base", "para"))
+    assert sorted({t["target"] for t in report["targets"]}) == [1, 2, 3, 5]  # no mixed batch: no target 4
+    bad = subprocess.run([sys.executable, "bench/decode.py", "--quick", "--methods", "base,prefix"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "--methods base,prefix: choose among base,para,ia3,lora" in bad.stderr
+
+
+def test_max_timed_s_times_fewer_calls_only_where_the_warm_up_call_says_the_repeats_would_take_too_long():
+    from decode import timed
+    calls, cpu = [], torch.device("cpu")
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.05)
+
+    assert timed(slow, cpu, 1, 3)[1] == 3 and len(calls) == 4  # one warm-up call, three timed
+    assert timed(slow, cpu, 1, 3, max_s=60)[1] == 3  # 3 x 0.05 s is well under a minute: no cut
+    calls.clear()
+    median, n, warm = timed(slow, cpu, 1, 3, max_s=0.08)  # 3 x 0.05 s would take over 0.08 s: one timed call
+    assert n == 1 and len(calls) == 2 and median >= 0.05 and warm >= 0.05  # warm: the warm-up call's own time

@@ -1,15 +1,19 @@
-# The profile that explains bench.py's GPU targets (para_mini/bench_profile.py), run here on the tiny random model on
+# The profile that explains decode.py's goals (bench/profile_decode.py), run here on the tiny random model on
 # a CPU, where a "kernel" is an operator that calls no other: its report has every case, positive times and counts,
 # and the counts show what PARA adds (the vector generator at the prefill, one multiply per adjusted projection
 # at each decoded token).
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
-import para_mini.bench_profile as bench_profile
-from para_mini.bench import SHAPES
-from para_mini.bench_profile import main
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the benchmark scripts, outside the package, as they import each other
+import profile_decode as bench_profile  # noqa: E402
+from decode import SHAPES  # noqa: E402
+from profile_decode import main  # noqa: E402
 
 CASES = ("prefill", "eager", "fast_graph", "fast_kernels")
 
@@ -41,7 +45,7 @@ def test_a_profile_stopped_part_way_keeps_every_wall_time_and_the_profiles_done(
 
     def stopped_at_the_third(fn, device, top):
         if len(profiled) == 2:
-            raise KeyboardInterrupt  # as a time limit, or a profiler session that never returns, would stop it
+            raise KeyboardInterrupt  # as a time limit, or a profiled case that never returns, would stop it
         profiled.append(fn)
         return kernels(fn, device, top)
 
@@ -53,4 +57,4 @@ def test_a_profile_stopped_part_way_keeps_every_wall_time_and_the_profiles_done(
     assert report["complete"] is False and len(report["cases"]) == 8
     assert all(case["wall_ms"] > 0 for case in report["cases"].values())
     assert [name for name, case in report["cases"].items() if case["kernels"]] == ["prefill_base", "eager_base"]
-    assert os.environ["TEARDOWN_CUPTI"] == "0"  # CUPTI stays up between the sessions
+    assert os.environ["TEARDOWN_CUPTI"] == "0"  # CUPTI stays up from one profiled case to the next

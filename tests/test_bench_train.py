@@ -12,11 +12,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from para_mini.bench import random_model
-from para_mini.bench_train import LiveTensors, batch, model_flops, peft_full_head_loss, peft_loss
 from para_mini.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the benchmark scripts, outside the package, as they import each other
+from decode import random_model  # noqa: E402
+from train_step import LiveTensors, batch, model_flops, peft_full_head_loss, peft_loss  # noqa: E402
 
 
 def test_live_tensors_counts_the_bytes_alive_at_the_worst_moment():
@@ -85,7 +86,7 @@ def test_model_flops_is_what_the_step_multiplies_with_a_frozen_backbone():
 def peft_lora():
     peft = pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    from para_mini.bench import hf_twin
+    from decode import hf_twin
     from para_mini.loading import HF_NAMES
     hf = hf_twin(random_model(SMALL, torch.float32, torch.device("cpu")))
     cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
@@ -127,7 +128,7 @@ def test_peft_with_the_head_on_the_scored_positions_only_has_the_full_head_loss(
 
 def test_the_bench_prints_json_and_its_depth_fit_predicts_the_full_depth(tmp_path):
     def bench(*extra):
-        proc = subprocess.run([sys.executable, "-m", "para_mini.bench_train", "--shape", "tiny", "--device", "cpu",
+        proc = subprocess.run([sys.executable, "bench/train_step.py", "--shape", "tiny", "--device", "cpu",
                                "--batch", "2", "--seq", "48", "--steps", "1", "--grad-checkpointing", *extra],
                               capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert proc.returncode == 0, proc.stderr

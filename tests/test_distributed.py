@@ -152,6 +152,7 @@ def test_only_rank_0_writes_and_a_resumed_two_rank_run_continues_exactly_with_or
 
 
 def test_a_checkpoint_of_one_process_resumes_under_shard(runs):
-    tmp, _, _ = runs  # the file is the same with or without --shard (a --shard one resumes alone too: README)
+    # the file is the same with or without --shard (a --shard one resumes alone too: docs/distributed.md)
+    tmp, _, _ = runs
     assert torch.load(tmp / "one-then-sharded" / "checkpoint.pt", weights_only=True)["step"] == 8
     assert_close(final_adapter(tmp / "one-para"), final_adapter(tmp / "one-then-sharded"), 1e-5, "one, then --shard")

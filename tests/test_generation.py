@@ -1,6 +1,6 @@
 # Decoding with the explicit KV cache: greedy, sampling and beam search against references that do not use the
 # cache (an exhaustive search scored by full forward passes, Hugging Face's generate), mixed-tenant batches against
-# each request alone, and per-request errors; then the generate.py command line and the benchmark.
+# each request alone, and per-request errors; then the generate.py command line.
 import itertools
 import json
 import math
@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -408,58 +407,3 @@ def test_the_example_requests_file_is_served_and_errors_never_land_on_the_progre
     assert shown[1] == f"error: {requests}:4: \"top_p\" must be above 0.0 and at most 1.0, got 2"
     assert re.fullmatch(r"requests 4/4  2 failed  [\d,]+ new tok/s  elapsed \d+s  eta 0s", shown[2]), shown
     assert shown[3].startswith("error: 2 of 4 requests failed") and len(shown) == 4
-
-
-# ------------------------------------------------------------------------------------------------------- bench
-
-def test_the_bench_runs_on_cpu_both_paths_and_prints_json_with_the_documented_keys_and_targets(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "para_mini.bench", "--shape", "tiny", "--device", "cpu", "--quick",
-                           "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    assert report == json.loads((tmp_path / "bench.json").read_text())
-    assert {"shape", "device", "settings", "definitions", "results", "ratios", "floor_tokens_per_s", "targets",
-            "cpu_rss_peak_mib", "notes"} <= set(report)
-    ours = [(r["path"], r["method"], r["batch"], r["beam"]) for r in report["results"] if r["impl"] == "para-mini"]
-    assert sorted(ours) == sorted((p, m, b, k) for p in ("eager", "fast") for m in ("base", "para", "ia3", "lora")
-                                  for b, k in [(1, 1), (1, 3), (4, 1)])
-    assert sorted({t["target"] for t in report["targets"]}) == [1, 2, 3, 4, 5]
-    assert all(set(t) == {"target", "what", "ratio", "goal", "met"} for t in report["targets"])
-    for r in report["results"]:
-        # ttft and total are medians of separate runs: under load either may come out larger, so no order is asserted
-        assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["total_s"] > 0
-        assert set(r) >= {"impl", "path", "method", "batch", "beam", "tokens_per_s", "ttft_s", "peak_mem_mib"}
-    assert report["floor_tokens_per_s"] is None and report["cpu_rss_peak_mib"] > 0  # CUDA only; CPU: the RSS
-    assert report["complete"] is True and report["dtype"] == "float32"  # CPU's default
-    assert all(r["timed_calls"] == {"ttft": 1, "total": 1} for r in report["results"])  # --quick: one timed run
-
-
-def test_the_bench_runs_only_the_methods_and_settings_asked_for(tmp_path):
-    # a GPU session with little time left measures only the rows it needs, e.g. the compiled fast path at batch 1
-    proc = subprocess.run([sys.executable, "-m", "para_mini.bench", "--shape", "tiny", "--device", "cpu", "--quick",
-                           "--no-hf", "--methods", "base,para", "--beams", "1", "--mixed", "none"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    rows = sorted((r["path"], r["method"], r["batch"], r["beam"]) for r in report["results"])
-    assert rows == sorted((p, m, 1, 1) for p in ("eager", "fast") for m in ("base", "para"))
-    assert sorted({t["target"] for t in report["targets"]}) == [1, 2, 3, 5]  # no mixed batch: no target 4
-    bad = subprocess.run([sys.executable, "-m", "para_mini.bench", "--quick", "--methods", "base,prefix"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert bad.returncode == 2 and "--methods base,prefix: choose among base,para,ia3,lora" in bad.stderr
-
-
-def test_max_timed_s_times_fewer_calls_only_where_the_warm_up_call_says_the_repeats_would_take_too_long():
-    from para_mini.bench import timed
-    calls, cpu = [], torch.device("cpu")
-
-    def slow():
-        calls.append(1)
-        time.sleep(0.05)
-
-    assert timed(slow, cpu, 1, 3)[1] == 3 and len(calls) == 4  # one warm-up call, three timed
-    assert timed(slow, cpu, 1, 3, max_s=60)[1] == 3  # 3 x 0.05 s is well under a minute: no cut
-    calls.clear()
-    median, n, warm = timed(slow, cpu, 1, 3, max_s=0.08)  # 3 x 0.05 s would take over 0.08 s: one timed call
-    assert n == 1 and len(calls) == 2 and median >= 0.05 and warm >= 0.05  # warm: the warm-up call's own time

@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -274,19 +275,27 @@ def test_lab_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         lab.parse_args(["--help"])
     out = capsys.readouterr().out
-    assert all(c in out for c in ("compare", "ablations", "sweep", "vectors", "attention"))
+    assert all(c in out for c in ("compare", "tune", "ablations", "sweep", "vectors", "attention"))
 
 
-def test_a_tasks_per_method_learning_rate_reaches_that_method_alone_and_flags_after_dashes_win():
-    def lr(argv, method):
+def test_a_runs_rate_reaches_that_run_alone_and_flags_after_dashes_win():
+    def lr(argv, method, rate=None):
         opts = lab.parse_args(argv)
-        return lab.run_config(opts, AdapterConfig(method), 0, Path("out")).lr
+        return lab.run_config(opts, AdapterConfig(method), 0, Path("out"), lr=rate).lr
     sst2 = ["compare", "--data", "sst2"]
-    assert (lr(sst2, "lora"), lr(sst2, "ia3"), lr(sst2, "para"), lr(sst2, "bitfit")) == (3e-3, 2e-2, 1e-2, 1e-2)
-    assert lr(["compare", "--data", "boolq"], "lora") == 1e-2  # BoolQ trains every method alike
+    # no rate is written into the task: every method trains at the flags' rate unless tune chose another
+    assert (lr(sst2, "lora"), lr(sst2, "ia3"), lr(sst2, "para"), lr(sst2, "bitfit")) == (1e-2,) * 4
+    assert lr(sst2, "lora", 3e-3) == 3e-3 and lr(["compare", "--data", "boolq"], "lora") == 1e-2
     assert lr(sst2 + ["--", "--lr", "5e-4"], "lora") == 5e-4
-    assert lab.lr_exceptions(lab.parse_args(sst2), 1e-2) == " (LoRA: 0.003) ((IA)^3: 0.02)"
-    assert lab.lr_exceptions(lab.parse_args(sst2 + ["--", "--lr", "3e-3"]), 3e-3) == ""
+    assert lr(sst2 + ["--", "--lr", "5e-4"], "lora", 3e-2) == 5e-4
+
+
+def test_tune_runs_without_a_test_file_and_on_compares_train_dev_split():
+    opts = lab.parse_args(["tune", "--data", "sst2"])
+    args = lab.run_config(opts, AdapterConfig("para"), 0, Path("out"), lr=3e-2, test=False, select="label-acc")
+    assert args.test is None and args.no_test and args.select_by == "label-acc" and args.lr == 3e-2
+    assert not any("dev.tsv" in str(v) for v in asdict(args).values())  # SST-2's test file
+    assert opts.seeds == [0] and lab.RATES == (3e-3, 1e-2, 3e-2)
 
 
 # ----------------------------------------------------------------------------------------------------- reruns

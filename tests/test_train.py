@@ -416,3 +416,74 @@ def test_save_format_peft_also_writes_the_best_adapter_as_peft_s_directory_and_r
     with pytest.raises(ValueError, match="--save-format peft: a para adapter has no PEFT form"):
         train.train(run_args(tmp_path, "--out", str(tmp_path / "para"), "--save-format", "peft"))
     assert not (tmp_path / "para" / "checkpoint.pt").exists()
+
+
+def sst2_sample(tmp_path, n=400):
+    """The first n SST-2 training sentences: a labelled task for --select-by label-acc."""
+    lines = shared("data", "sst2", "train.tsv").read_text().splitlines()[:n + 1]  # with the header
+    path = tmp_path / "sst2_train.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_select_by_label_acc_keeps_the_evaluation_with_the_best_dev_label_accuracy_and_no_test_keeps_the_split(
+        tmp_path, monkeypatch, capsys):
+    from para_mini.data import load_task, one_per_query, split
+    from para_mini.metrics import label_first_accuracy
+    weights = shared("assets", "stories260K", "hf")
+    data = sst2_sample(tmp_path)
+    test = tmp_path / "test.tsv"
+    test.write_text(data.read_text())  # any labelled file: the point is whether the run reads it
+    common = ["--data", str(data), "--weights", str(weights), "--lr", "3e-2", "--batch-size", "8", "--max-steps",
+              "12", "--eval-every", "3", "--beam", "1", "--max-new-tokens", "6", "--max-eval", "24", "--system", "",
+              "--no-eos-loss", "--device", "cpu", "--seed", "3", "--select-by", "label-acc"]
+    opened = []
+    real_open = open
+    def recording_open(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            opened.append(Path(f).resolve())
+        return real_open(f, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", recording_open)
+    blind = train.train(train.parse_args(common + ["--no-test", "--out", str(tmp_path / "blind")]))
+    assert data.resolve() in opened and test.resolve() not in opened  # the recorder sees the files train.py reads
+    seen = train.train(train.parse_args(common + ["--test", str(test), "--out", str(tmp_path / "seen")]))
+    assert test.resolve() in opened
+    printed = capsys.readouterr().out
+    assert "dev label acc" in printed and "0 test examples" in printed
+
+    # --no-test trains on what --test trains on (the seeded split keeps no test part either way), and the test file
+    # changes nothing the dev selection sees: the same evaluations, the same adapter kept
+    assert blind["train_examples"] == seen["train_examples"] == len(split(load_task(data)[1], 0.1, 0.0, seed=3)[0])
+    assert blind["history"] == seen["history"] and "test" not in blind and "test" in seen
+    a, b = (read_adapter(tmp_path / name / "adapter.safetensors")[2] for name in ("blind", "seen"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    history = blind["history"]
+    assert [h["step"] for h in history] == [3, 6, 9, 12]
+    assert all(h["train_loss"] > 0 and h["dev_loss"] > 0 and 0 <= h["dev_label_acc"] <= 100 for h in history)
+    best = min(history, key=lambda h: (-h["dev_label_acc"], h["dev_loss"]))
+    assert (blind["best_step"], blind["best_dev_label_acc"], blind["best_dev_loss"]) == (
+        best["step"], best["dev_label_acc"], best["dev_loss"])
+    assert json.loads((tmp_path / "blind" / "summary.json").read_text())["history"] == history
+
+    # the kept adapter, reloaded, answers the dev examples with that accuracy
+    args = train.parse_args(common + ["--no-test"])
+    task, examples = load_task(data)
+    dev = one_per_query(split(examples, 0.1, 0.0, seed=3)[1])[:24]
+    model = load_model(weights)
+    load_adapter(model, tmp_path / "blind" / "adapter.safetensors")
+    preds = training.predict(model, load_tokenizer(train.find_tokenizer(weights)), task, dev, "", args.max_len,
+                             args.beam, args.max_new_tokens)
+    assert label_first_accuracy(task, preds, [ex.response for ex in dev]) == blind["best_dev_label_acc"]
+
+
+def test_no_test_refuses_a_test_file_and_label_acc_on_a_generation_task_keeps_dev_loss(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(run_argv(tmp_path, "--no-test"))
+    assert "--no-test reads no test file" in capsys.readouterr().err
+    summary = train.train(run_args(tmp_path, "--select-by", "label-acc", "--max-steps", "4", "--eval-every", "2"))
+    assert "has no labels, so the best adapter is kept by dev loss" in capsys.readouterr().out
+    assert summary["select_by"] == "dev-loss" and "best_dev_label_acc" not in summary
+    assert [sorted(h) for h in summary["history"]] == [["dev_loss", "step", "train_loss"]] * 2
+    assert summary["best_dev_loss"] == min(h["dev_loss"] for h in summary["history"])

@@ -1,4 +1,4 @@
-# python -m para_mini.bench_train: the fine-tuning step of train.py on a LLaMA-2 shape with random weights: peak
+# python bench/train_step.py: the fine-tuning step of train.py on a LLaMA-2 shape with random weights: peak
 # memory and tokens/s of PARA (r=12, K=4, q, v, u), beside PEFT LoRA (r=4 on all seven linears) on the very same
 # backbone tensors when transformers + peft are installed. Nothing is downloaded. PEFT runs twice: with the LM head
 # on the scored tokens only and para_step's loss, like for like with PARA, whose head runs only there ("peft"); and
@@ -29,11 +29,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .adapters import AdapterConfig, add_adapter, remove_adapter
-from .bench import (DTYPES, SHAPES, device_name, emit, gpu_specs, hf_missing, hf_twin, random_model, same_attention,
+# decode.py, the decoding benchmark beside this script, also puts this checkout's para_mini first on the path
+from decode import (DTYPES, SHAPES, device_name, emit, gpu_specs, hf_missing, hf_twin, random_model, same_attention,
                     versions, write)
-from .loading import HF_NAMES
-from .training import loss_sum
+from para_mini.adapters import AdapterConfig, add_adapter, remove_adapter
+from para_mini.loading import HF_NAMES
+from para_mini.training import loss_sum
 
 PARA = AdapterConfig("para", ("q", "v", "u"), r=12, K=4)
 DEFINITIONS = {
@@ -52,7 +53,7 @@ DEFINITIONS = {
     "adapters": "both sides keep the adapter's master weights in fp32 (as train.py) and run their products in "
                 "bf16 under autocast",
     "attention": "F.scaled_dot_product_attention on both sides, cuDNN's backend turned off in both (see "
-                 "python -m para_mini.bench_env for the backend of each shape)",
+                 "python bench/env.py for the backend of each shape)",
     "model_flops_per_step": "4 x N_blocks x B x T (the blocks' weights, forward and the backward to the "
                             "activations: a frozen backbone needs no weight gradients; recomputation is not counted) "
                             "+ 4 x N_head x scored tokens (the loss needs logits only there; the same for every row, "

@@ -1,5 +1,5 @@
-# python -m para_mini.bench_profile: where the time of one decoding step and of one prefill goes, kernel by kernel,
-# for the base model and PARA on bench.py's random model, so that a goal that bench.py reports as missed comes
+# python bench/profile_decode.py: where the time of one decoding step and of one prefill goes, kernel by kernel,
+# for the base model and PARA on decode.py's random model, so that a goal that decode.py reports as missed comes
 # with its explanation: which kernels, how many, how long, and how much of the wall time no kernel
 # covers (launch overhead and Python, what a CUDA graph removes).
 #
@@ -20,11 +20,12 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from .bench import (DTYPES, METHODS, SHAPES, attach, device_name, emit, prompts, random_model, same_attention,
+# decode.py, the decoding benchmark beside this script, also puts this checkout's para_mini first on the path
+from decode import (DTYPES, METHODS, SHAPES, attach, device_name, emit, prompts, random_model, same_attention,
                     seconds, shape_and_dtype, sync, versions, write)
-from .fast import Step, one_token
-from .generation import Request, prefill, serve
-from .serving import Tenants
+from para_mini.fast import Step, one_token
+from para_mini.generation import Request, prefill, serve
+from para_mini.serving import Tenants
 
 
 def kernels(fn, device, top):
@@ -95,8 +96,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = torch.device(a.device)
     shape, dtype = shape_and_dtype(a, device)
-    # CUPTI's teardown after a session, then its start again, can hang or crash once CUDA graphs were captured by
-    # hand; torch sets this in-process, before its profiler starts, only for the graphs of torch.compile
+    # CUPTI's teardown after a profiled case, then its start again, can hang or crash once CUDA graphs were captured
+    # by hand; torch sets this in-process, before its profiler starts, only for the graphs of torch.compile
     os.environ.setdefault("TEARDOWN_CUPTI", "0")
     same_attention()
     model = random_model(SHAPES[shape], dtype, device)
@@ -137,9 +138,9 @@ def main(argv=None):
                      "model.py; fast_graph: one step of the fast path, replayed from its CUDA graph on a GPU (a "
                      "replay may show as few events); fast_kernels: the same step run un-captured",
             "ratios": "PARA over base for each case, once both are profiled",
-            "profiler": "one profiler session per case, after every case's wall time is measured; CUPTI is not torn "
-                        "down between sessions (TEARDOWN_CUPTI=0, torch's own workaround for CUDA graphs), and the "
-                        "JSON is rewritten after each session, so a run stopped early keeps what it measured",
+            "profiler": "one profiler run per case, after every case's wall time is measured; CUPTI is not torn "
+                        "down between cases (TEARDOWN_CUPTI=0, torch's own workaround for CUDA graphs), and the "
+                        "JSON is rewritten after each case, so a run stopped early keeps what it measured",
             "complete": "false until every case is profiled",
         },
         "cases": out, "ratios": {}, "complete": False, "versions": versions(),

@@ -1,8 +1,8 @@
-# python -m para_mini.bench_env: what a GPU run's figures depend on, read before the benchmarks run: the versions
+# python bench/env.py: what a GPU run's figures depend on, read before the benchmarks run: the versions
 # (Python, torch, CUDA, cuDNN, transformers, peft), the GPU's name and datasheet figures, whether torch.compile can
 # build its kernels on this machine, and the attention backend SDPA picks for each of our and Hugging Face's shapes
 # (the prefill, every decoding step, a training forward). The benchmarks take cuDNN out of SDPA's choices for both
-# sides (bench.same_attention); each shape's entry also says what torch would pick with cuDNN allowed, without
+# sides (decode.same_attention); each shape's entry also says what torch would pick with cuDNN allowed, without
 # running it. The JSON is written as each part is done (versions first), so a step stopped early keeps them.
 import argparse
 import sys
@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 
-from .bench import (DTYPES, SHAPES, compile_missing, device_name, emit, fresh, gpu_specs, hf_inputs, hf_missing,
+# decode.py, the decoding benchmark beside this script, also puts this checkout's para_mini first on the path
+from decode import (DTYPES, SHAPES, compile_missing, device_name, emit, fresh, gpu_specs, hf_inputs, hf_missing,
                     hf_twin, prompts, random_model, same_attention, shape_and_dtype, versions, write)
-from .generation import Request, generate
+from para_mini.generation import Request, generate
 
 
 class SDPAChoices(TorchFunctionMode):
@@ -100,8 +101,8 @@ def main(argv=None):
                    "layer of it is built, which has every attention shape of the whole model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--prompt-len", type=int, default=274, help="prompt tokens (274, as bench.py)")
-    p.add_argument("--new-tokens", type=int, default=32, help="new tokens (32, as bench.py)")
+    p.add_argument("--prompt-len", type=int, default=274, help="prompt tokens (274, as decode.py)")
+    p.add_argument("--new-tokens", type=int, default=32, help="new tokens (32, as decode.py)")
     p.add_argument("--train-len", type=int, default=512, help="tokens per sequence of the training forward (512)")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face even when installed")
     p.add_argument("--out", help="also write the JSON here, after each part")
@@ -119,7 +120,7 @@ def main(argv=None):
         "compile": {"ready": missing is None, "missing": missing},
         "definitions": {
             "device": "the GPU's name read at run time; peak_bf16_flops and hbm_bytes_per_s from its datasheet "
-                      "(null where bench.GPUS does not list it)",
+                      "(null where decode.GPUS does not list it)",
             "compile": "whether torch.compile can build kernels here: Triton needs a C compiler and Python.h at its "
                        "first kernel (Inductor's CPU kernels a C++ compiler); missing: what is not found",
             "attention": "one entry per (impl, path, phase, batch, q_len, mask, backend): backend is what SDPA "

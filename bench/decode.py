@@ -1,4 +1,4 @@
-# python -m para_mini.bench: decoding speed of the base model, PARA, (IA)^3 and LoRA with para-mini's KV cache, in
+# python bench/decode.py: decoding speed of the base model, PARA, (IA)^3 and LoRA with para-mini's KV cache, in
 # the paper's Table 4 setting (one 274-token prompt, 32 new tokens, beam 1 and 3) and in mixed-tenant batches
 # (every request with its own adapter), beside Hugging Face transformers + PEFT on the very same weight tensors
 # when those are installed, so the ratios are measured side by side. Weights are random: nothing is downloaded.
@@ -7,7 +7,7 @@
 #
 # The setup of each side, so that a ratio compares like with like or says that it does not: attention is
 # F.scaled_dot_product_attention on both sides (HF's attn_implementation="sdpa") with cuDNN's attention turned off
-# in both (same_attention below; bench_env.py lists the kernel each shape gets); Hugging Face generates eagerly
+# in both (same_attention below; bench/env.py lists the kernel each shape gets); Hugging Face generates eagerly
 # with its dynamic cache, so our eager rows over its rows are eager over eager, and our fast rows (a CUDA graph)
 # over its rows are labelled as such; PEFT computes its adapters in fp32 by default (autocast_adapter_dtype=True),
 # casting at every adapted layer, while ours run in the model's dtype: PEFT's batch-1 rows are measured both ways.
@@ -24,16 +24,20 @@ import sys
 import sysconfig
 import time
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .adapters import LINEARS, AdapterConfig
-from .generation import Request, beam_search, generate
-from .loading import HF_NAMES
-from .model import ModelArgs, Transformer
-from .serving import Tenants
+# bench/ is not part of the package: run as a script, it imports the para_mini of the checkout it sits in, installed
+# or not (the repository root first on the path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from para_mini.adapters import LINEARS, AdapterConfig  # noqa: E402
+from para_mini.generation import Request, beam_search, generate  # noqa: E402
+from para_mini.loading import HF_NAMES  # noqa: E402
+from para_mini.model import ModelArgs, Transformer  # noqa: E402
+from para_mini.serving import Tenants  # noqa: E402
 
 SHAPES = {
     "tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=344,
@@ -86,8 +90,8 @@ DEFINITIONS = {
             "generate with its dynamic cache",
     "attention": "F.scaled_dot_product_attention on both sides (Hugging Face with attn_implementation='sdpa'), with "
                  "cuDNN's attention backend turned off in both (torch.backends.cuda.enable_cudnn_sdp(False)): the "
-                 "flash or memory-efficient kernels, the same for the same shapes; python -m para_mini.bench_env "
-                 "lists the backend each of our and Hugging Face's shapes gets",
+                 "flash or memory-efficient kernels, the same for the same shapes; python bench/env.py lists the "
+                 "backend each of our and Hugging Face's shapes gets",
     "adapter_compute_dtype": "the dtype the adapters' products run in at each decoding step. Ours: the model's; "
                              "their weights are kept in fp32 and cast once, at the prefill. PEFT's default "
                              "(autocast_adapter_dtype=True): fp32 on a bf16 model, the activations cast to fp32 and "

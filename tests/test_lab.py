@@ -1,5 +1,6 @@
 # The lab's instruments (lab.py): the vector statistics, the budget matching, the figures and the attention maps are
 # checked against hand-worked numbers, brute force, the PNGs written, and Hugging Face's own attention.
+import json
 import math
 import shutil
 import struct
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared
+from conftest import SHARED, shared
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lab  # noqa: E402
@@ -265,6 +266,38 @@ def test_attention_maps_with_an_identity_adapter_equal_hugging_face_eager_attent
     assert len(theirs) == len(ours) == 5
     for i, a in enumerate(theirs):
         torch.testing.assert_close(ours[i], a, rtol=1e-5, atol=1e-6)
+
+
+def test_figures_draws_the_attention_maps_again_from_the_adapters_a_result_names(tmp_path, capsys):
+    pytest.importorskip("lab_figures", reason="the figures need matplotlib: pip install -e \".[lab]\"")
+    from para_mini import save_adapter
+    from para_mini.adapters import adapter_state
+    paths = {}
+    for method, cfg in (("para", AdapterConfig("para", r=12)), ("ia3", AdapterConfig("ia3", targets=("k", "v", "u")))):
+        model = load_model(shared("assets", "stories260K", "hf"))
+        add_adapter(model, cfg)
+        torch.manual_seed(0)
+        with torch.no_grad():  # trained-looking values, so that the two adapters attend differently
+            for tensor in adapter_state(model).values():
+                tensor.add_(0.3 * torch.randn_like(tensor))
+        paths[method] = tmp_path / f"{method}.safetensors"
+        save_adapter(model, paths[method])
+    argv = ["attention", "--quick", "--layers", "1", "--heads", "2", "--para", str(paths["para"]), "--ia3",
+            str(paths["ia3"])]
+    opts = lab.parse_args(["--shared", str(SHARED)] + argv + ["--results", str(tmp_path)])
+    maps, prompt, _, sys_end = lab.attention_of(opts, paths["para"], paths["ia3"])
+    stats = lab.attention_stats(maps, sys_end)
+    assert not np.allclose(maps["PARADE"][1], maps["(IA)^3"][1])
+    result = {"name": "attention-sst2-quick", "command": "python lab.py " + " ".join(argv), "stats": stats,
+              "para": lab.shown(paths["para"]), "ia3": lab.shown(paths["ia3"])}
+    (tmp_path / "attention-sst2-quick.json").write_text(json.dumps(result))
+    lab.cmd_figures(lab.parse_args(["--shared", str(SHARED), "figures", "--results", str(tmp_path)]))
+    assert "attention-sst2-quick: the maps computed again give the JSON's numbers exactly" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "attention-sst2-quick").iterdir()] == ["layer1.png"]
+    # a result whose adapters are gone is left alone, with the command that makes them again
+    paths["ia3"].unlink()
+    lab.cmd_figures(lab.parse_args(["--shared", str(SHARED), "figures", "--results", str(tmp_path)]))
+    assert "not drawn, its adapters are not here" in capsys.readouterr().out
 
 
 def test_the_system_prompt_ends_where_the_chat_template_says():

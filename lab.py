@@ -6,30 +6,31 @@
     python lab.py sweep                 # Figure 2: the bottleneck r
     python lab.py vectors               # do the generated vectors depend on the prompt?
     python lab.py attention             # Figures 3-6: attention maps under PARADE and (IA)^3
+    python lab.py figures               # every figure of lab/results drawn again from its results
 
 Everything trains on the shared 260K-parameter TinyStories model (the LLaMA-2 architecture at toy scale) through
 train.py, with settings small enough that each table takes under 30 minutes on a 2-core CPU. Each command prints its
 table and writes it as <name>.md and .json to lab/runs/results/ (git-ignored, beside the runs themselves in
-lab/runs/); lab/results/ holds the reference tables that LAB.md shows, and --results lab/results refreshes them.
+lab/runs/), with its figures as <name>.png when matplotlib is installed (pip install -e ".[lab]", lab_figures.py);
+lab/results/ holds the reference tables that LAB.md shows, and --results lab/results refreshes them.
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import multiprocessing
 import os
 import platform
+import shlex
 import statistics
-import struct
 import sys
 import time
-import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import train
@@ -398,8 +399,31 @@ def write_result(opts, name: str, title: str, wall: float, body: str, data: dict
     (results / f"{name}.json").write_text(json.dumps(record | data, indent=2, default=str) + "\n")
     print("\n" + md)
     print(f"written: {shown(results / name)}.md, .json")
+    draw_figures(record | data, results)
     if results.resolve() != REFERENCE.resolve() and (REFERENCE / f"{name}.md").is_file():
         print(f"the reference: {shown(REFERENCE / name)}.md (LAB.md, \"Rerunning the lab\", says what should match)")
+
+
+@functools.cache
+def figures():
+    """lab_figures (matplotlib's drawings of the results), imported on first use; None, said once, without
+    matplotlib: every command still prints and writes its tables."""
+    try:
+        import lab_figures
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("matplotlib"):
+            raise
+        print('no figures: matplotlib is not installed (pip install -e ".[lab]" adds it); the tables are complete')
+        return None
+    return lab_figures
+
+
+def draw_figures(result: dict, folder: Path) -> list:
+    """The figures of one result (lab_figures.draw) beside its JSON, each path printed."""
+    paths = figures().draw(result, folder) if figures() else []
+    for path in paths:
+        print(f"figure: {shown(path)}")
+    return paths
 
 
 def run_table(opts, t0, name: str, title: str, rows: list, note: str, **extra):
@@ -713,50 +737,6 @@ def attention_maps(model, tokens, prompt_lens=None) -> dict:
     return maps
 
 
-def write_png(path, image: np.ndarray):
-    """An 8-bit grey (H x W) or RGB (H x W x 3) PNG, written with zlib and struct alone."""
-    image = np.ascontiguousarray(image)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-        raise ValueError(f"write_png takes uint8 H x W or H x W x 3, got {image.dtype} {image.shape}")
-    height, width = image.shape[:2]
-    colour = 0 if image.ndim == 2 else 2  # PNG colour types: 0 grey, 2 RGB
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = image.reshape(height, -1)
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter 0 (none) in front of every row
-    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)  # 8 bits, deflate, no interlace
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                           + chunk(b"IEND", b""))
-
-
-# viridis at five stops (dark blue -> green -> yellow): perceptually ordered, readable in grey too
-VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
-# blue -> white -> red for signed differences
-DIVERGING = np.array([[33, 102, 172], [247, 247, 247], [178, 24, 43]], dtype=float)
-
-
-def colormap(values: np.ndarray, stops: np.ndarray = VIRIDIS) -> np.ndarray:
-    """Values in [0, 1] (H x W) -> RGB uint8 (H x W x 3), linear between the colour stops."""
-    v = np.clip(np.nan_to_num(np.asarray(values, dtype=float)), 0, 1) * (len(stops) - 1)
-    i = np.minimum(v.astype(int), len(stops) - 2)
-    f = (v - i)[..., None]
-    return np.round(stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
-
-
-def grid(panels: list, scale: int, gap: int = 4) -> np.ndarray:
-    """Rows of RGB panels of one size, each pixel blown up to scale x scale, on a white background."""
-    h, w = panels[0][0].shape[:2]
-    rows, cols = len(panels), len(panels[0])
-    out = np.full((rows * (h * scale + gap) + gap, cols * (w * scale + gap) + gap, 3), 255, dtype=np.uint8)
-    for r, row in enumerate(panels):
-        for c, p in enumerate(row):
-            y, x = gap + r * (h * scale + gap), gap + c * (w * scale + gap)
-            out[y:y + h * scale, x:x + w * scale] = p.repeat(scale, 0).repeat(scale, 1)
-    return out
-
-
 def segments(tok, prompt: list) -> int:
     """Where the system prompt ends in a chat prompt: the length of the tokens it shares with the system part."""
     head = tok.encode(f"{B_INST} {B_SYS}{SYSTEM_PROMPT}{E_SYS}".rstrip(), bos=True)
@@ -764,6 +744,42 @@ def segments(tok, prompt: list) -> int:
     while n < min(len(head), len(prompt)) and head[n] == prompt[n]:
         n += 1
     return n
+
+
+def attention_of(opts, para_path: Path, ia3_path: Path) -> tuple:
+    """(maps, prompt, example, system end) for test example opts.index with the paper's system prompt: maps is
+    name -> layer -> [heads, T, T] for the base model, PARADE (para_path) and (IA)^3 (ia3_path)."""
+    tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
+    prompts, examples = test_prompts(opts, tok, opts.index + 1, SYSTEM_PROMPT)
+    prompt = prompts[opts.index]
+    tokens = torch.tensor([prompt])
+    maps = {}
+    for name, path in (("base", None), ("PARADE", para_path), ("(IA)^3", ia3_path)):
+        model = load_model(opts.shared / "assets" / "stories260K" / "hf")
+        if path:
+            load_adapter(model, path)
+        maps[name] = {i: m[0].numpy() for i, m in attention_maps(model, tokens).items()}
+    return maps, prompt, examples[opts.index], segments(tok, prompt)
+
+
+def attention_stats(maps: dict, sys_end: int) -> dict:
+    """The paper's reading (Figures 3-6): with PARADE, less attention on the last token of the system prompt, more
+    among the instruction's tokens. Per layer, averaged over the instruction's query positions and over all heads."""
+    return {i: {"to_system_end": {n: float(m[i][:, sys_end:, sys_end - 1].mean()) for n, m in maps.items()},
+                "among_instruction": {n: float(m[i][:, sys_end:, sys_end:].sum(-1).mean()) for n, m in maps.items()}}
+            for i in sorted(maps["base"])}
+
+
+def draw_attention(opts, maps: dict, sys_end: int) -> list:
+    """layer<i>.png for each of opts.layers in the result's folder (lab_figures.attention); none without matplotlib."""
+    if not figures():
+        return []
+    folder = opts.results / f"attention-{opts.data}{opts.suffix}"
+    paths = [figures().attention(folder / f"layer{i}.png", maps, i, opts.heads, sys_end, opts.scale)
+             for i in opts.layers]
+    for path in paths:
+        print(f"figure: {shown(path)}")
+    return paths
 
 
 def cmd_attention(opts):
@@ -786,44 +802,18 @@ def cmd_attention(opts):
                                    rate[cfg.method]) for cfg, _ in missing]))
     para_path, ia3_path = (Path(getattr(opts, flag)) if getattr(opts, flag) else ROOT / next(runs)["adapter"]
                            for flag in ("para", "ia3"))
-    tok = load_tokenizer(opts.shared / "assets" / "stories260K" / "tok512.model")
-    prompts, examples = test_prompts(opts, tok, opts.index + 1, SYSTEM_PROMPT)
-    prompt = prompts[opts.index]
-    tokens = torch.tensor([prompt])
-    maps = {}
-    for name, path in (("base", None), ("PARADE", para_path), ("(IA)^3", ia3_path)):
-        model = load_model(opts.shared / "assets" / "stories260K" / "hf")
-        if path:
-            load_adapter(model, path)
-        maps[name] = {i: m[0].numpy() for i, m in attention_maps(model, tokens).items()}
-    sys_end, T = segments(tok, prompt), len(prompt)
-
-    # the paper's reading (Figures 3-6): with PARADE, less attention on the last token of the system prompt, more
-    # among the instruction's tokens. Averaged over the instruction's query positions and over all heads.
+    maps, prompt, example, sys_end = attention_of(opts, para_path, ia3_path)
+    T = len(prompt)
+    stats = attention_stats(maps, sys_end)
     lines = ["| layer | to the system prompt's last token: base / (IA)^3 / PARADE | among instruction tokens: "
              "base / (IA)^3 / PARADE |", "|---|---|---|"]
-    stats = {}
-    for i in sorted(maps["base"]):
-        last = {n: float(m[i][:, sys_end:, sys_end - 1].mean()) for n, m in maps.items()}
-        among = {n: float(m[i][:, sys_end:, sys_end:].sum(-1).mean()) for n, m in maps.items()}
-        stats[i] = {"to_system_end": last, "among_instruction": among}
+    for i, s in stats.items():
+        last, among = s["to_system_end"], s["among_instruction"]
         lines.append(f"| {i} | {last['base']:.3f} / {last['(IA)^3']:.3f} / {last['PARADE']:.3f} | "
                      f"{among['base']:.3f} / {among['(IA)^3']:.3f} / {among['PARADE']:.3f} |")
 
+    images = draw_attention(opts, maps, sys_end)
     folder = opts.results / f"attention-{opts.data}{opts.suffix}"
-    folder.mkdir(parents=True, exist_ok=True)
-    images = []
-    for i in opts.layers:
-        panels = []
-        for h in opts.heads:
-            a, b = maps["PARADE"][i][h], maps["(IA)^3"][i][h]
-            d = a - b
-            d = np.sign(d) * np.sqrt(np.abs(d) / max(np.abs(d).max(), 1e-12))  # signed, in [-1, 1]
-            # square roots, so that the weak weights still show beside the first token's attention sink
-            panels.append([colormap(np.sqrt(a)), colormap(np.sqrt(b)), colormap(0.5 + 0.5 * d, DIVERGING)])
-        path = folder / f"layer{i}.png"
-        write_png(path, grid(panels, opts.scale))
-        images.append(path)
     note = (f"Prompt: test example {opts.index} of {opts.data} ({T} tokens, the system prompt is tokens 0-"
             f"{sys_end - 1}). PARADE `{shown(para_path)}`, (IA)^3 `{shown(ia3_path)}` ({describe(ia3_cfg)}). Images "
             f"`{shown(folder)}/layer<i>.png`: one row per head ({', '.join(map(str, opts.heads))}), "
@@ -834,8 +824,46 @@ def cmd_attention(opts):
                                                   for i, p in zip(opts.layers, images))
     write_result(opts, f"attention-{opts.data}{opts.suffix}",
                  f"Attention under PARADE and (IA)^3 (paper Figures 3-6, {opts.data})", time.time() - t0, body,
-                 {"prompt": examples[opts.index].query, "tokens": T, "system_end": sys_end, "stats": stats,
+                 {"prompt": example.query, "tokens": T, "system_end": sys_end, "stats": stats,
                   "images": [shown(p) for p in images], "para": shown(para_path), "ia3": shown(ia3_path)}, note)
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+
+def cmd_figures(opts):
+    """Every figure of the results in opts.results, drawn again from their JSONs by the current code. The attention
+    maps are not in the JSON: they are computed again from the adapters it names, when those are still there."""
+    if not figures():
+        raise SystemExit("error: the figures need matplotlib")
+    found = sorted(opts.results.glob("*.json"))
+    if not found:
+        raise SystemExit(f"error: no results (*.json) in {opts.results}")
+    for path in found:
+        result = json.loads(path.read_text())
+        if result.get("name", "").startswith("attention"):
+            redraw_attention(opts, result)
+        else:
+            draw_figures(result, opts.results)
+
+
+def redraw_attention(opts, result: dict):
+    """The attention maps of a result, computed again from its adapters with its command's settings (prompt, layers,
+    heads), checked against the numbers its JSON holds."""
+    run = parse_args(["--shared", str(opts.shared)] + shlex.split(result["command"])[2:])
+    run.results = opts.results
+    para, ia3 = ROOT / result["para"], ROOT / result["ia3"]
+    gone = [result[k] for k, p in (("para", para), ("ia3", ia3)) if not p.is_file()]
+    if gone:
+        print(f"{result['name']}: not drawn, its adapters are not here ({', '.join(gone)}): "
+              f"`{result['command']} --results {shown(opts.results)}` trains them and draws it")
+        return
+    maps, _, _, sys_end = attention_of(run, para, ia3)
+    stats = attention_stats(maps, sys_end)
+    differ = max(abs(stats[int(i)][what][n] - v) for i, s in result["stats"].items()
+                 for what, by_name in s.items() for n, v in by_name.items())
+    print(f"{result['name']}: the maps computed again " + ("give the JSON's numbers exactly" if differ == 0 else
+          f"differ from the JSON's numbers by up to {differ:.2g}: its adapters were trained again since?"))
+    draw_attention(run, maps, sys_end)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -891,9 +919,15 @@ def parse_args(argv=None):
     s.add_argument("--heads", type=at_least(0), nargs="+", default=[0, 4],
                    help="heads to draw (default 0 4, the paper's 0-th and 16-th of 32 scaled to 8)")
     s.add_argument("--scale", type=at_least(1), default=3, help="pixels per token (default 3)")
+    s = sub.add_parser("figures", help="every figure of a results folder drawn again from its JSONs (needs "
+                       "matplotlib: pip install -e \".[lab]\")", description="Every figure of a results folder drawn "
+                       "again from its JSONs by the current code; the attention maps from the adapters each names")
+    s.add_argument("--results", type=Path, default=REFERENCE, help="the results folder (default: lab/results)")
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     opts = p.parse_args(ours)
+    if opts.cmd == "figures":
+        return opts
     # after "--": train.py flags that override the table's settings, e.g. -- --max-steps 50, checked as train.py
     # checks them, before anything trains
     opts.overrides = (TASKS[opts.data]["quick"] if opts.quick else {}) | vars(train.parser(True).parse_args(extra))
@@ -918,6 +952,8 @@ def main(argv=None):
         print(f"error: the shared 260K model is not at {opts.shared / 'assets/stories260K/hf'}; give --shared",
               file=sys.stderr)
         sys.exit(2)
+    if opts.cmd == "figures":
+        return cmd_figures(opts)
     torch.set_num_threads(1)  # every number computed here, as in the runs (train_alone), with one thread
     {"compare": cmd_compare, "tune": cmd_tune, "ablations": cmd_ablations, "sweep": cmd_sweep, "vectors": cmd_vectors,
      "attention": cmd_attention}[opts.cmd](opts)

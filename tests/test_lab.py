@@ -1,11 +1,11 @@
-# The lab's instruments (lab.py): the vector statistics, the budget matching, the PNG writer and the attention maps
-# are checked against hand-worked numbers, brute force, a decoder written here, and Hugging Face's own attention.
+# The lab's instruments (lab.py): the vector statistics, the budget matching, the figures and the attention maps are
+# checked against hand-worked numbers, brute force, the PNGs written, and Hugging Face's own attention.
+import json
 import math
 import shutil
 import struct
 import subprocess
 import sys
-import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared
+from conftest import SHARED, shared
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lab  # noqa: E402
@@ -161,52 +161,59 @@ def test_the_projected_ia3_and_bitfit_reach_the_papers_7b_budgets():
     assert lab.match_budget(b7, 10_900_000, "bitfit").proj == 8
 
 
-# --------------------------------------------------------------------------------------------------- PNG
+# ----------------------------------------------------------------------------------------------- figures
 
-def read_png(data: bytes):
-    """A minimal decoder for what write_png writes: returns (IHDR fields, pixel bytes per row)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(kind + body), f"bad CRC in {kind}"
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
-    header = struct.unpack(">IIBBBBB", chunks[0][1])
-    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
-    width, height, _, colour = header[:4]
-    row = width * (3 if colour == 2 else 1)
-    assert len(raw) == height * (row + 1)
-    rows = [raw[r * (row + 1):(r + 1) * (row + 1)] for r in range(height)]
-    assert all(r[0] == 0 for r in rows)  # filter type 0
-    return header, b"".join(r[1:] for r in rows)
+def tiny_result(name: str, history=True) -> dict:
+    """A result as lab.py writes it, two rows of two seeds, small enough to draw in a moment."""
+    runs = lambda accs: [{"seed": s, "test": a, "test_strict": a, "best_dev_loss": 0.1, "lr": 1e-2,
+                          "best_dev_label_acc": a, "history": [[50, 0.5, 0.2, a - 5], [100, 0.3, 0.1, a]]
+                          if history else []} for s, a in enumerate(accs)]
+    return {"name": name, "title": "a title", "baseline": {"label": "positive", "test": 50.0, "examples": 100},
+            "rows": [{"method": "PARADE", "runs": runs([60.0, 62.0])}, {"method": "LoRA", "runs": runs([55.0, 58.0])}]}
 
 
-def test_write_png_writes_what_a_decoder_reads_back(tmp_path):
-    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 13
-    lab.write_png(tmp_path / "rgb.png", rgb)
-    header, pixels = read_png((tmp_path / "rgb.png").read_bytes())
-    assert header == (3, 2, 8, 2, 0, 0, 0)  # width 3, height 2, 8 bits, RGB, deflate, filter 0, no interlace
-    assert pixels == rgb.tobytes()
-
-    grey = np.array([[0, 128, 255], [7, 8, 9], [1, 2, 3], [200, 100, 50]], dtype=np.uint8)
-    lab.write_png(tmp_path / "grey.png", grey)
-    header, pixels = read_png((tmp_path / "grey.png").read_bytes())
-    assert header == (3, 4, 8, 0, 0, 0, 0) and pixels == grey.tobytes()
-
-    with pytest.raises(ValueError, match="uint8"):
-        lab.write_png(tmp_path / "bad.png", rgb.astype(float))
+def png_size(path: Path) -> tuple:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])  # width, height
 
 
-def test_the_colormap_runs_from_its_first_stop_to_its_last():
-    out = lab.colormap(np.array([[0.0, 1.0, 0.5, -3.0, 7.0]]))
-    assert out.dtype == np.uint8 and out.shape == (1, 5, 3)
-    assert out[0, 0].tolist() == lab.VIRIDIS[0].tolist() and out[0, 1].tolist() == lab.VIRIDIS[-1].tolist()
-    assert out[0, 2].tolist() == lab.VIRIDIS[2].tolist()  # the middle stop of five
-    assert out[0, 3].tolist() == out[0, 0].tolist() and out[0, 4].tolist() == out[0, 1].tolist()  # clipped
+def test_a_table_gets_its_interval_plot_and_its_learning_curves(tmp_path):
+    figures = pytest.importorskip("lab_figures", reason="the figures need matplotlib: pip install -e \".[lab]\"")
+    paths = figures.draw(tiny_result("compare-sst2"), tmp_path)
+    assert paths == [tmp_path / "compare-sst2.png", tmp_path / "compare-sst2-curves.png"]
+    assert all(min(png_size(p)) > 100 for p in paths)
+    # no history (an older result) or one evaluation (a quick run): no curves, quietly
+    assert figures.draw(tiny_result("sweep-boolq", history=False), tmp_path) == [tmp_path / "sweep-boolq.png"]
+    assert figures.draw({"name": "compare-sst2", "rows": []}, tmp_path / "empty") == []
+
+
+def test_attention_maps_are_drawn_one_png_per_layer(tmp_path):
+    figures = pytest.importorskip("lab_figures", reason="the figures need matplotlib: pip install -e \".[lab]\"")
+    T = 12
+    probs = np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None]  # causal rows that sum to 1
+    maps = {"PARADE": {2: np.stack([probs] * 8)}, "(IA)^3": {2: np.stack([probs.T.copy()] * 8)}}
+    path = figures.attention(tmp_path / "a" / "layer2.png", maps, 2, [0, 4], system_end=5)
+    assert path.is_file() and min(png_size(path)) > 100
+
+
+def test_without_matplotlib_a_command_writes_its_table_and_says_once_how_to_get_the_figures(tmp_path, monkeypatch,
+                                                                                               capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails, as when it is not installed
+    monkeypatch.delitem(sys.modules, "lab_figures", raising=False)
+    lab.figures.cache_clear()
+    try:
+        opts = lab.parse_args(["compare", "--data", "sst2", "--quick", "--results", str(tmp_path)])
+        for name in ("compare-sst2-quick", "sweep-boolq-quick"):
+            lab.write_result(opts, name, "a title", 3.0, "| a | table |", tiny_result(name))
+        out = capsys.readouterr().out
+        assert out.count("| a | table |") == 2 and sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json",
+                                                                                                    ".md", ".md"]
+        assert out.count('matplotlib is not installed (pip install -e ".[lab]" adds it)') == 1
+        with pytest.raises(SystemExit, match="the figures need matplotlib"):
+            lab.cmd_figures(lab.parse_args(["figures", "--results", str(tmp_path)]))
+    finally:
+        lab.figures.cache_clear()  # the next test finds matplotlib again
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -262,6 +269,38 @@ def test_attention_maps_with_an_identity_adapter_equal_hugging_face_eager_attent
         torch.testing.assert_close(ours[i], a, rtol=1e-5, atol=1e-6)
 
 
+def test_figures_draws_the_attention_maps_again_from_the_adapters_a_result_names(tmp_path, capsys):
+    pytest.importorskip("lab_figures", reason="the figures need matplotlib: pip install -e \".[lab]\"")
+    from para_mini import save_adapter
+    from para_mini.adapters import adapter_state
+    paths = {}
+    for method, cfg in (("para", AdapterConfig("para", r=12)), ("ia3", AdapterConfig("ia3", targets=("k", "v", "u")))):
+        model = load_model(shared("assets", "stories260K", "hf"))
+        add_adapter(model, cfg)
+        torch.manual_seed(0)
+        with torch.no_grad():  # trained-looking values, so that the two adapters attend differently
+            for tensor in adapter_state(model).values():
+                tensor.add_(0.3 * torch.randn_like(tensor))
+        paths[method] = tmp_path / f"{method}.safetensors"
+        save_adapter(model, paths[method])
+    argv = ["attention", "--quick", "--layers", "1", "--heads", "2", "--para", str(paths["para"]), "--ia3",
+            str(paths["ia3"])]
+    opts = lab.parse_args(["--shared", str(SHARED)] + argv + ["--results", str(tmp_path)])
+    maps, prompt, _, sys_end = lab.attention_of(opts, paths["para"], paths["ia3"])
+    stats = lab.attention_stats(maps, sys_end)
+    assert not np.allclose(maps["PARADE"][1], maps["(IA)^3"][1])
+    result = {"name": "attention-sst2-quick", "command": "python lab.py " + " ".join(argv), "stats": stats,
+              "para": lab.shown(paths["para"]), "ia3": lab.shown(paths["ia3"])}
+    (tmp_path / "attention-sst2-quick.json").write_text(json.dumps(result))
+    lab.cmd_figures(lab.parse_args(["--shared", str(SHARED), "figures", "--results", str(tmp_path)]))
+    assert "attention-sst2-quick: the maps computed again give the JSON's numbers exactly" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "attention-sst2-quick").iterdir()] == ["layer1.png"]
+    # a result whose adapters are gone is left alone, with the command that makes them again
+    paths["ia3"].unlink()
+    lab.cmd_figures(lab.parse_args(["--shared", str(SHARED), "figures", "--results", str(tmp_path)]))
+    assert "not drawn, its adapters are not here" in capsys.readouterr().out
+
+
 def test_the_system_prompt_ends_where_the_chat_template_says():
     from para_mini import load_tokenizer
     from para_mini.data import SYSTEM_PROMPT
@@ -275,7 +314,7 @@ def test_lab_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         lab.parse_args(["--help"])
     out = capsys.readouterr().out
-    assert all(c in out for c in ("compare", "tune", "ablations", "sweep", "vectors", "attention"))
+    assert all(c in out for c in ("compare", "tune", "ablations", "sweep", "vectors", "attention", "figures"))
 
 
 def test_a_runs_rate_reaches_that_run_alone_and_flags_after_dashes_win():

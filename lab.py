@@ -39,7 +39,7 @@ from para_mini.cli import SEED, Parser, at_least
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query
 from para_mini.metrics import label_first, label_first_accuracy, score  # noqa: F401 (label_first: the lab's reading)
 from para_mini.model import VectorGenerator, apply_rope
-from para_mini.runs import RUN_FILES, SAME_RUN
+from para_mini.runs import RUN_FILES, SAME_RUN, save_predictions, save_summary
 from para_mini.tokenizer import B_INST, B_SYS, E_SYS
 from para_mini.training import MAX_NEW_TOKENS, predict, tokenize
 
@@ -223,11 +223,9 @@ def score_kept(args, folder: Path, out: Path) -> dict:
     kept = [(ex, p) for ex, p in zip(test, preds) if p is not None]  # None: too long, skipped (--skip-long)
     for name in RUN_FILES:  # what a run trained here before: this folder now holds the reused run's scores
         (out / name).unlink(missing_ok=True)
-    with open(out / "predictions_test.jsonl", "w") as f:
-        for ex, p in kept:
-            f.write(json.dumps({"prompt": ex.query, "prediction": p, "references": ex.references}) + "\n")
+    save_predictions(kept, out / "predictions_test.jsonl")
     summary = done | {"test": score(task, [p for _, p in kept], [ex for ex, _ in kept]), "reused": str(folder)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    save_summary(summary, out / "summary.json")
     print(f"the run of {folder} trained what this run would: its kept adapter, scored on {len(kept)} test examples")
     return summary
 

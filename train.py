@@ -12,7 +12,6 @@ More than one GPU: the same script under torchrun (docs/distributed.md); --shard
     torchrun --nproc_per_node 8 train.py --data boolq.jsonl --weights weights/Llama-2-7b-hf --grad-accum 8
 """
 import argparse
-import json
 import math
 import signal
 import statistics
@@ -347,9 +346,7 @@ def train(cfg: TrainConfig, on_step=None):
             note = f"; {skipped[f'{name} predictions']} too long, skipped" if cfg.skip_long else ""
             progress.print(f"{name} {METRIC[task]}: {summary[name][METRIC[task]]:.2f} ({len(kept)} examples{note})")
             if rank == 0:  # --shard: every rank generates (each forward needs them all), rank 0 writes
-                runs.atomic_save("".join(json.dumps({"prompt": ex.query, "prediction": pred,
-                                                     "references": ex.references}) + "\n" for ex, pred in kept),
-                                 out / f"predictions_{name}.jsonl")
+                runs.save_predictions(kept, out / f"predictions_{name}.jsonl")
     except KeyboardInterrupt:
         progress.print(f"interrupted while evaluating: the trained adapter is {adapter_path} (no summary yet); the "
                        "same command with --resume evaluates it again")
@@ -357,7 +354,7 @@ def train(cfg: TrainConfig, on_step=None):
     finally:
         progress.end()
     if rank == 0:
-        runs.atomic_save(json.dumps(summary, indent=2, default=str), out / "summary.json")
+        runs.save_summary(summary, out / "summary.json")
         print(f"adapter: {adapter_path}\nsummary: {out / 'summary.json'}", flush=True)
     return summary
 

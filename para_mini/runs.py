@@ -2,6 +2,7 @@
 # only the run that wrote it (its settings, data and base weights compared by content). Every tensor in the
 # checkpoint is whole, so one file resumes with or without torchrun, sharded or not.
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def atomic_save(obj, path):
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def save_predictions(kept, path):
+    """(example, generated text) pairs as a run's predictions_<part>.jsonl: a JSON line each, written whole."""
+    atomic_save("".join(json.dumps({"prompt": ex.query, "prediction": text, "references": ex.references}) + "\n"
+                        for ex, text in kept), path)
+
+
+def save_summary(summary: dict, path):
+    atomic_save(json.dumps(summary, indent=2, default=str), path)
 
 
 def file_digest(path):

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .adapters import add_adapter, adapter_state, block_state, new_adapter
 from .loading import check_tensors, read_checkpoint
@@ -68,6 +66,9 @@ def load_sharded(weights, cfg, dtype, device):
     """The model with its adapter split across the ranks by FSDP2, one shard per rank and never whole on any: built
     on the meta device, each block sharded, then every tensor read alone from the memory-mapped checkpoint, and only
     this rank's rows of it kept (distribute_tensor with src_data_rank=None slices locally, sends nothing)."""
+    from torch.distributed.fsdp import fully_shard  # imported here: it takes a second, and only --shard needs it
+    from torch.distributed.tensor import distribute_tensor
+
     margs, tensors, unused = read_checkpoint(Path(weights))
     with torch.device("meta"):
         model = Transformer(margs)  # a tied output is loaded as an equal copy of the embedding (LLaMA-2 is untied)
@@ -92,11 +93,20 @@ def load_sharded(weights, cfg, dtype, device):
     return model.eval()
 
 
+def sharded(t) -> bool:
+    # a DTensor (--shard) carries its device mesh; asked by attribute, so that a run without --shard never imports
+    # torch.distributed.tensor
+    return hasattr(t, "device_mesh")
+
+
 def whole(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t  # sharded: gathered from every rank (all must call)
+    return t.full_tensor() if sharded(t) else t  # sharded: gathered from every rank (all must call)
 
 
 def like(p, t):
     """A whole tensor t as parameter p holds it: under --shard this rank's rows of it alone (sliced, not sent)."""
     t = t.to(p.device, p.dtype)
-    return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor) else t
+    if not sharded(p):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)

@@ -39,12 +39,15 @@ def tokenize(examples, tok, max_len, system, budget=None, skip_long=False, conte
     """(prompt_ids, response_ids) per example, passages shortened so the whole example fits in max_len; with a
     generation budget, the prompt alone is fitted into max_len - budget (evaluation: the response is generated).
     -> (pairs, passages cut, indices of the examples left out as too long: only with skip_long, else an error)."""
-    if budget is None:
-        count = lambda q, r: sum(map(len, tok.encode_chat(q, r, system)))
-    else:
-        count = lambda q, r: len(tok.encode_chat(q, None, system)[0]) + budget
+    # the tokens an example takes: prompt and response, or with a budget the prompt and the tokens to generate
+    size = (lambda ids: sum(map(len, ids))) if budget is None else (lambda ids: len(ids[0]) + budget)
+    count = lambda q, r: size(tok.encode_chat(q, r, system))
     out, cut, skipped = [], 0, []
     for i, ex in enumerate(examples):
+        ids = tok.encode_chat(ex.query, ex.response, system)
+        if size(ids) <= max_len:  # most examples fit as they are: encoded once
+            out.append(ids)
+            continue
         try:
             ex, was_cut = truncate(ex, count, max_len)
         except ValueError as e:

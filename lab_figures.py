@@ -95,7 +95,10 @@ def curves(result: dict, path: Path) -> Path:
         axes[1, 0].set_ylabel("dev label accuracy (%)")
         fig.suptitle(f"{result['title']}: learning curves on the dev split", fontsize=10)
     else:
-        fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+        # the dev label accuracy panel only where runs measured it (--select-by label-acc): BoolQ's keep the dev loss
+        scored = any(h[3] is not None for row in rows for run in row["runs"] for h in run["history"] or [])
+        fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(11 if scored else 6, 4), squeeze=False)
+        loss_ax, acc_ax = axes[0, 0], axes[0, -1]  # one panel: the legend goes on the dev loss
         for c, row in enumerate(rows):
             for s, run in enumerate(row["runs"]):
                 style = dict(color=METHOD_COLOURS[c % 10], lw=1.3, alpha=0.85, marker="o", ms=3,
@@ -103,10 +106,11 @@ def curves(result: dict, path: Path) -> Path:
                 plot_history(loss_ax, acc_ax, run["history"] or [], style)
         seeds = ", ".join(str(run["seed"]) for run in rows[0]["runs"])
         loss_ax.set(xlabel="step", ylabel="dev loss", title="dev loss")
-        acc_ax.set(xlabel="step", ylabel="dev label accuracy (%)", title="dev label accuracy")
+        if scored:
+            acc_ax.set(xlabel="step", ylabel="dev label accuracy (%)", title="dev label accuracy")
         acc_ax.legend(fontsize=7.5, frameon=False)
-        fig.suptitle(f"{result['title']}: learning curves on the dev split (seeds {seeds}: solid, dashed, dotted)",
-                     fontsize=10)
+        fig.suptitle(f"{result['title']}: learning curves on the dev split{' ' if scored else chr(10)}(seeds {seeds}: "
+                     "solid, dashed, dotted)", fontsize=10)
     fig.tight_layout()
     return save(fig, path)
 

@@ -183,6 +183,12 @@ def test_a_table_gets_its_interval_plot_and_its_learning_curves(tmp_path):
     paths = figures.draw(tiny_result("compare-sst2"), tmp_path)
     assert paths == [tmp_path / "compare-sst2.png", tmp_path / "compare-sst2-curves.png"]
     assert all(min(png_size(p)) > 100 for p in paths)
+    # runs kept by the dev loss (BoolQ) have no dev label accuracy: the curves are the dev loss panel alone
+    result = tiny_result("sweep-boolq")
+    for run in (r for row in result["rows"] for r in row["runs"]):
+        run["history"] = [h[:3] + [None] for h in run["history"]]
+    one, two = figures.draw(result, tmp_path / "loss")[1], paths[1]
+    assert png_size(one)[0] < 0.7 * png_size(two)[0] and png_size(one)[1] == png_size(two)[1]
     # no history (an older result) or one evaluation (a quick run): no curves, quietly
     assert figures.draw(tiny_result("sweep-boolq", history=False), tmp_path) == [tmp_path / "sweep-boolq.png"]
     assert figures.draw({"name": "compare-sst2", "rows": []}, tmp_path / "empty") == []

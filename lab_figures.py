@@ -109,8 +109,9 @@ def curves(result: dict, path: Path) -> Path:
         if scored:
             acc_ax.set(xlabel="step", ylabel="dev label accuracy (%)", title="dev label accuracy")
         acc_ax.legend(fontsize=7.5, frameon=False)
-        fig.suptitle(f"{result['title']}: learning curves on the dev split{' ' if scored else chr(10)}(seeds {seeds}: "
-                     "solid, dashed, dotted)", fontsize=10)
+        wrap = " " if scored else "\n"  # one panel is narrower: the seeds' key on a second line
+        fig.suptitle(f"{result['title']}: learning curves on the dev split{wrap}(seeds {seeds}: solid, dashed, dotted)",
+                     fontsize=10)
     fig.tight_layout()
     return save(fig, path)
 

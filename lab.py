@@ -37,7 +37,7 @@ import train
 from para_mini import AdapterConfig, count_parameters, find_tokenizer, load_adapter, load_model, load_tokenizer
 from para_mini.cli import SEED, Parser, at_least
 from para_mini.data import SYSTEM_PROMPT, load_task, one_per_query
-from para_mini.metrics import label_first, label_first_accuracy, score  # noqa: F401 (label_first: the lab's reading)
+from para_mini.metrics import label_first_accuracy, score
 from para_mini.model import VectorGenerator, apply_rope
 from para_mini.runs import RUN_FILES, SAME_RUN, save_predictions, save_summary
 from para_mini.tokenizer import B_INST, B_SYS, E_SYS
@@ -192,8 +192,7 @@ def file_label_accuracy(task: str, predictions_file: Path) -> float:
 
 # What must be the same for a finished run to stand for a run about to train: every setting a resume checks, and
 # what decides the predictions. The test file and the output folder may differ.
-REUSE_SAME = SAME_RUN + ("max_new_tokens", "beam", "eval_batch_size", "skip_long", "tokenizer", "dtype",
-                               "device")
+REUSE_SAME = SAME_RUN + ("max_new_tokens", "beam", "eval_batch_size", "skip_long", "tokenizer", "dtype", "device")
 
 
 def reusable(args, folder: Path):
@@ -465,6 +464,7 @@ def cmd_tune(opts):
     test file is given to train.py, whose --no-test keeps the same train / dev split as compare's runs."""
     t0 = time.time()
     target, rows = compare_rows(opts)
+    args = model_args(opts)
     opts.select, opts.seeds = "label-acc", [0]
     name = f"tune-{opts.data}{opts.suffix}"
     runs = iter(train_many(opts, [(name, run, cfg, 0, None, lr, False, opts.select, None)
@@ -476,9 +476,10 @@ def cmd_tune(opts):
         best = min(by_rate, key=lambda x: (-x["best_dev_label_acc"], x["best_dev_loss"], x["lr"]))
         chosen[run] = best["lr"]
         results.append({"method": label, "name": run, "settings": describe(cfg), "config": cfg.__dict__,
-                        "parameters": count_parameters(model_args(opts), cfg), "lr": best["lr"], "runs": by_rate})
-    lines = ["| method | settings | tunable parameters | " + " | ".join(f"lr {lr:g}: dev acc (dev loss)" for lr in RATES)
-             + " | chosen lr |", "|---|---|---|" + "---|" * len(RATES) + "---|"]
+                        "parameters": count_parameters(args, cfg), "lr": best["lr"], "runs": by_rate})
+    lines = ["| method | settings | tunable parameters | "
+             + " | ".join(f"lr {lr:g}: dev acc (dev loss)" for lr in RATES) + " | chosen lr |",
+             "|---|---|---|" + "---|" * len(RATES) + "---|"]
     for r in results:
         cells = " | ".join(f"{x['best_dev_label_acc']:.1f} ({x['best_dev_loss']:.4f})" for x in r["runs"])
         lines.append(f"| {r['method']} | {r['settings']} | {r['parameters']:,} | {cells} | {r['lr']:g} |")

@@ -201,6 +201,7 @@ def train(cfg: TrainConfig, on_step=None):
     settings = runs.same_run_settings(asdict(cfg), model)  # what a resume must find unchanged
     # best: what the kept adapter scored, lower is better (with label-acc: -accuracy, then the dev loss for ties)
     step, best, bad, history = 0, (float("inf"), float("inf")) if by_acc else float("inf"), 0, []
+    rank_key = lambda h: (-h["dev_label_acc"], h["dev_loss"]) if by_acc else h["dev_loss"]  # an evaluation's best
     if cfg.resume:
         step, best, bad, history = runs.resume(ck, ckpt_path, settings, model, opt, by_acc)
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
@@ -245,7 +246,10 @@ def train(cfg: TrainConfig, on_step=None):
                                         cfg.eval_batch_size, cfg.skip_long, shown("dev "))
             acc = distributed.rank_0s(acc, device)
         model.train()
-        key = (-acc, loss) if by_acc else loss
+        history.append({"step": step, "train_loss": statistics.fmean(train_losses) if train_losses else None,
+                        "dev_loss": loss} | ({"dev_label_acc": acc} if by_acc else {}))
+        train_losses.clear()
+        key = rank_key(history[-1])
         better = key < best
         best, bad = (key, 0) if better else (best, bad + 1)
         if better:
@@ -253,9 +257,6 @@ def train(cfg: TrainConfig, on_step=None):
             adapter = runs.adapter_tensors(model)  # --shard: gathered from every rank
             if rank == 0:
                 save_adapter(model, adapter_path, tensors=adapter, digest=settings["weights"])
-        history.append({"step": step, "train_loss": statistics.fmean(train_losses) if train_losses else None,
-                        "dev_loss": loss} | ({"dev_label_acc": acc} if by_acc else {}))
-        train_losses.clear()
         progress.print(f"step {step}: dev loss {loss:.4f}" + (f", dev label acc {acc:.1f}" if by_acc else "")
                        + ("  (best: adapter saved)" if better else f"  (no better for {bad} / {cfg.patience})"))
         save_checkpoint()
@@ -322,8 +323,7 @@ def train(cfg: TrainConfig, on_step=None):
     runs.set_adapter(model, read_adapter(adapter_path)[2])
     if cfg.save_format == "peft" and rank == 0:
         save_adapter(model, out / "peft", tensors=read_adapter(adapter_path)[2], format="peft")
-    best_eval = next((h for h in reversed(history) if (
-        (-h["dev_label_acc"], h["dev_loss"]) if by_acc else h["dev_loss"]) == best), None)  # None: kept before resume
+    best_eval = next((h for h in reversed(history) if rank_key(h) == best), None)  # None: kept before a resume
     summary = {"task": task, "metric_name": METRIC[task], "adapter": str(adapter_path), "steps": step,
                "best_dev_loss": best[1] if by_acc else best, "select_by": "label-acc" if by_acc else "dev-loss",
                "best_step": best_eval and best_eval["step"], "history": history,

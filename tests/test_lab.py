@@ -18,6 +18,7 @@ from conftest import SHARED, shared
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lab  # noqa: E402
 from para_mini import AdapterConfig, add_adapter, count_parameters, load_model  # noqa: E402
+from para_mini.metrics import label_first  # noqa: E402
 from para_mini.params import PRESETS  # noqa: E402
 
 TINY = PRESETS["stories260K"]
@@ -70,10 +71,10 @@ def test_captured_vectors_are_one_per_prompt_and_do_not_depend_on_the_batch(tmp_
 
 
 def test_the_lab_scores_the_label_an_answer_starts_with():
-    assert lab.label_first("sst2", " Positive8 p") == "positive"  # train.py's whole-word parse says None here
-    assert lab.label_first("sst2", "negative$ po") == "negative"
-    assert lab.label_first("boolq", "no") == "no" and lab.label_first("boolq", "yes") == "yes"
-    assert lab.label_first("sst2", "pos") is None and lab.label_first("boolq", "maybe") is None
+    assert label_first("sst2", " Positive8 p") == "positive"  # train.py's whole-word parse says None here
+    assert label_first("sst2", "negative$ po") == "negative"
+    assert label_first("boolq", "no") == "no" and label_first("boolq", "yes") == "yes"
+    assert label_first("sst2", "pos") is None and label_first("boolq", "maybe") is None
 
 
 # -------------------------------------------------------------------------------------------------- the noise
